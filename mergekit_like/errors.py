@@ -1,0 +1,14 @@
+"""The one user-facing error type.
+
+Every bad input (recipe, checkpoint, output path, disk) is raised as ``MergeError`` with a
+one-line message. The CLI prints ``error: <message>`` on stderr, no traceback, and exits 2.
+"""
+
+
+class MergeError(Exception):
+    """A user-facing error: one line, exit code 2, nothing written at the output path."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split("\n")))

@@ -1,0 +1,168 @@
+"""What a merge method is, to the recipe validator and to the engine.
+
+A method file (``methods/ties.py`` …) holds the paper's equations as small pure functions on
+tensors and, at its bottom, one ``Method`` subclass that adapts them to the engine:
+
+* ``spec`` (a ``MethodSpec``) tells the recipe validator which parameters exist, their kinds,
+  defaults, whether a base is needed and how many inputs are allowed;
+* ``plan_outputs`` says which output tensors one reference tensor produces (default: itself);
+  methods that emit extra tensors or several outputs (WEMoE, Twin) override it;
+* ``merge`` turns one ``TensorTask`` (all inputs of one reference tensor, already read, in their
+  stored dtype on the compute device) into ``{output name: tensor in its output dtype}``.
+
+Inputs are handed over whole in their stored dtype; operators convert them to the compute dtype
+block by block (``TensorTask.blocks`` / ``TensorTask.load``), so a 50 M-element embedding never
+exists as N float32 copies at once. Two-pass operators (TIES threshold, SLERP norms, DARE "l1")
+make a statistics pass over the blocks first, then the merge pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+REQUIRED: Any = object()
+"""Sentinel default of a parameter that must be set in the recipe."""
+
+# Parameter kinds understood by the recipe validator.
+#   "float":   finite float (bools rejected)           "density": float in [0, 1]
+#   "bool":    bool, no gradients                       "rescale": true | false | "l1"
+#   "choice":  one of ParamSpec.choices (str)           "structured": a map taken as is
+PARAM_KINDS = ("float", "density", "bool", "rescale", "choice", "structured")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    kind: str
+    default: Any = REQUIRED
+    per_model: bool = False
+    choices: tuple[str, ...] = ()
+    effective: bool = True
+    """False: accepted for mergekit compatibility, but has no effect (the validator warns once)."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    params: tuple[ParamSpec, ...]
+    needs_base: bool = True
+    base_joins_inputs: bool = False
+    """linear: an unlisted base_model becomes an ordinary weighted input."""
+    min_inputs: int = 1
+    """Minimum number of method inputs (non-base models; all models when base_joins_inputs)."""
+    exact_inputs: int | None = None
+    """slerp: exactly this many models, base included."""
+
+    def param(self, name: str) -> ParamSpec | None:
+        for p in self.params:
+            if p.name == name:
+                return p
+        return None
+
+    @property
+    def param_names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+
+@dataclass(frozen=True)
+class Block:
+    """A contiguous run of rows (dim 0) of a tensor; ``flat_offset`` is the row-major index of its
+    first element in the whole tensor (DARE keys its mask on the global flat index)."""
+
+    rows: slice
+    flat_offset: int
+    numel: int
+
+
+@dataclass
+class TensorTask:
+    """All inputs of one reference tensor, ready to merge.
+
+    ``base`` and ``inputs`` are whole tensors in their stored dtype on the compute device.
+    ``inputs[i]`` is None when that model lacks the tensor (``on_missing_tensor: skip``).
+    ``model_params[i]`` are the per-model parameters resolved for this tensor and layer;
+    ``params`` the method-wide ones. ``input_indices[i]`` is the model's 0-based position in
+    ``models`` as written (an appended base gets ``len(models)``).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    compute_dtype: torch.dtype
+    load_dtype: torch.dtype | None
+    base: torch.Tensor | None
+    inputs: list[torch.Tensor | None]
+    input_indices: list[int]
+    model_params: list[dict[str, Any]]
+    params: dict[str, Any]
+    seed: int = 0
+    block_elems: int = 1 << 22
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def blocks(self) -> Iterator[Block]:
+        """Row blocks of at most ~block_elems elements (a 0-d or 1-row tensor is one block)."""
+        if len(self.shape) == 0 or self.numel == 0:
+            yield Block(slice(None), 0, self.numel)
+            return
+        rows = self.shape[0]
+        row_elems = max(1, self.numel // rows)
+        step = max(1, self.block_elems // row_elems)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            yield Block(slice(start, stop), start * row_elems, (stop - start) * row_elems)
+
+    def load(self, t: torch.Tensor, block: Block) -> torch.Tensor:
+        """Rows of ``t`` cast to the recipe ``dtype`` (rounding as mergekit loads) and then to the
+        compute dtype. Returns a new tensor, never a view of ``t``."""
+        part = t if len(self.shape) == 0 else t[block.rows]
+        if self.load_dtype is not None and part.dtype != self.load_dtype:
+            part = part.to(self.load_dtype)
+        return part.to(self.compute_dtype, copy=True)
+
+    def empty_output(self) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=self.out_dtype, device=self.device)
+
+    def store(self, out: torch.Tensor, block: Block, value: torch.Tensor) -> None:
+        """Cast ``value`` (compute dtype) once to the output dtype into ``out``'s rows."""
+        if len(self.shape) == 0:
+            out.copy_(value.reshape(()))
+        else:
+            out[block.rows].copy_(value.reshape(out[block.rows].shape))
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class Method:
+    """Adapter of one merge method to the engine. Subclasses set ``spec`` and ``merge_tensor``."""
+
+    spec: MethodSpec
+
+    def plan_outputs(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> list[OutputSpec]:
+        """Output tensors produced from reference tensor ``name`` (default: the tensor itself)."""
+        return [OutputSpec(name, shape, dtype)]
+
+    def check_tensor_params(self, name: str, model_params: list[dict[str, Any]],
+                            params: dict[str, Any]) -> str | None:
+        """Plan-time check of the resolved parameters of one tensor; a message means error."""
+        return None
+
+    def merge(self, task: TensorTask) -> dict[str, torch.Tensor]:
+        return {task.name: self.merge_tensor(task)}
+
+    def merge_tensor(self, task: TensorTask) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
