@@ -1,0 +1,3 @@
+from mergekit_like.cli import entrypoint
+
+entrypoint()

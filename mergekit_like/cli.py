@@ -1,0 +1,216 @@
+"""The `mergekit-like` command: merge, inspect, verify.
+
+Every user error is a ``MergeError``: printed as one line ``error: …`` on stderr, exit code 2,
+no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.table import Table
+
+from mergekit_like import __version__
+from mergekit_like.errors import MergeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Streaming, memory-bounded model merging (mergekit-compatible recipes).")
+out_console = Console()
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def _warn(messages: list[str]) -> None:
+    for m in dict.fromkeys(messages):
+        err_console.print(f"[yellow]warning:[/yellow] {m}", markup=True)
+
+
+@app.command()
+def merge(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (mergekit format)."),
+    out: Path = typer.Argument(..., help="Output folder (created atomically)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; write nothing."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto = CUDA when available)."),
+    out_shard_size: str = typer.Option("5GB", help="Max shard size: bytes, 5GB, 500MB, 2GiB, 5B (mergekit)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    resume: bool = typer.Option(True, "--resume/--no-resume",
+                                help="Continue an interrupted merge of the same recipe (default on)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle",
+                                      help="Load pickle .bin checkpoints (weights_only)."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
+                                         help="Merge inputs that contain NaN/Inf."),
+    seed: Optional[int] = typer.Option(None, help="Seed for random operators (overrides the recipe)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Merge the models of RECIPE into OUT."""
+    from mergekit_like.device import resolve_device
+    from mergekit_like.engine import MergeOptions, run_merge
+    from mergekit_like.io.shards import parse_size
+    from mergekit_like.plan import build_plan
+    from mergekit_like.recipe import load_recipe
+    from mergekit_like.sources import source_opener
+
+    loaded = load_recipe(recipe, seed=seed)
+    _warn(loaded.warnings)
+    options = MergeOptions(device=resolve_device(device), out_shard_bytes=parse_size(out_shard_size),
+                           overwrite=overwrite, resume=resume, allow_nonfinite=allow_nonfinite)
+    opener = source_opener(allow_pickle=allow_pickle)
+    if dry_run:
+        plan = build_plan(loaded, opener)
+        try:
+            _print_plan(plan, out, options)
+        finally:
+            plan.close()
+        return
+    if out.exists() and not overwrite:  # checked again under the lock; this fails fast
+        raise MergeError(f"output folder exists: {out} (pass --overwrite to replace it)")
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
+                  disable=quiet, transient=False) as bar:
+        task = bar.add_task("planning", total=None)
+
+        def on_tensor(name: str, nbytes: int) -> None:
+            bar.update(task, advance=nbytes, description=name[-48:])
+
+        def start(total: int) -> None:
+            bar.update(task, total=total, description="merging")
+
+        result = run_merge(loaded, out, options, opener, progress=on_tensor, on_start=start)
+        bar.update(task, description="done")
+    _warn(result.warnings)
+    resumed = f", {len(result.skipped_shards)} resumed" if result.skipped_shards else ""
+    err_console.print(f"wrote {out} ({len(result.shards)} shard(s){resumed})")
+
+
+def _print_plan(plan, out: Path, options) -> None:
+    from mergekit_like.io.shards import plan_shards
+
+    _warn(plan.warnings)
+    shards = plan_shards(plan.outputs, options.out_shard_bytes)
+    table = Table(title=f"merge plan: {plan.recipe.merge_method} → {out}  (dry run, nothing written)")
+    table.add_column("input")
+    table.add_column("role")
+    table.add_column("tensors", justify="right")
+    table.add_column("files", justify="right")
+    table.add_column("bytes", justify="right")
+    for pos, (inp, header) in enumerate(zip(plan.inputs, plan.headers)):
+        role = "base" if inp.is_base else "model"
+        if pos == plan.reference_pos:
+            role += " (reference)"
+        files = len({t.file for t in header.values()})
+        table.add_row(inp.ref.display, role, str(len(header)), str(files),
+                      _fmt_bytes(sum(t.nbytes for t in header.values())))
+    out_console.print(table)
+    merged = sum(1 for j in plan.jobs if j.merge)
+    out_console.print(f"output tensors: {len(plan.outputs)} ({merged} merged, "
+                      f"{len(plan.jobs) - merged} copied from the reference)")
+    out_console.print(f"output shards: {len(shards)}  ({', '.join(s.filename for s in shards[:3])}"
+                      f"{' …' if len(shards) > 3 else ''})")
+    out_console.print(f"bytes to read: {_fmt_bytes(plan.read_bytes)}")
+    out_console.print(f"output size: {_fmt_bytes(sum(s.file_size for s in shards))}")
+    out_console.print(f"device: {options.device}   compute dtype: {str(plan.compute_dtype)[6:]}")
+    out_console.print("peak memory estimate: "
+                      f"{_fmt_bytes(plan.peak_memory_estimate(options.block_elems) + 350 * 10**6)}"
+                      " (host, incl. ~350 MB for Python and torch)")
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help="A local model folder."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+    tensors: bool = typer.Option(False, "--tensors", help="List every tensor."),
+) -> None:
+    """Show a model's tensors, shapes, dtypes, shards and total size (headers only)."""
+    from mergekit_like.inspect_model import describe
+    from mergekit_like.sources import open_ref
+
+    source = open_ref(model, allow_pickle=allow_pickle)
+    try:
+        summary = describe(source)
+    finally:
+        source.close()
+    _print_summary(model, summary, tensors)
+
+
+def _print_summary(model: str, summary, list_tensors: bool) -> None:
+    files = Table(title=f"{model}")
+    files.add_column("file")
+    files.add_column("tensors", justify="right")
+    files.add_column("bytes", justify="right")
+    for name, (count, nbytes) in summary.files.items():
+        files.add_row(name, str(count), _fmt_bytes(nbytes))
+    out_console.print(files)
+    if list_tensors:
+        t = Table()
+        for col in ("tensor", "shape", "dtype", "file"):
+            t.add_column(col)
+        for info in summary.tensors:
+            t.add_row(info.name, str(list(info.shape)), info.dtype, info.file)
+        out_console.print(t)
+    dtypes = ", ".join(f"{k} ({v})" for k, v in summary.dtypes.items())
+    out_console.print(f"tensors: {len(summary.tensors)}   parameters: {summary.total_params:,}   "
+                      f"size: {_fmt_bytes(summary.total_bytes)}   dtypes: {dtypes}"
+                      + (f"   layers: {summary.num_layers}" if summary.num_layers else ""))
+
+
+@app.command()
+def verify(
+    out: Path = typer.Argument(..., help="A merge output folder."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Accept NaN/Inf values."),
+) -> None:
+    """Check that OUT is complete and consistent (index ↔ files ↔ headers, every tensor readable)."""
+    from mergekit_like.verify import verify_output
+
+    report = verify_output(out, allow_nonfinite=allow_nonfinite)
+    out_console.print(f"ok: {out}: {report.tensors} tensors in {report.files} file(s), "
+                      f"{_fmt_bytes(report.total_bytes)}")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    out_console.print(__version__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+    except MergeError as exc:
+        err_console.print(f"error: {exc}", markup=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("error: interrupted; re-run the same command to resume", markup=False)
+        return 130
+    except SystemExit as exc:  # typer/click exits (--help, usage errors)
+        return exc.code if isinstance(exc.code, int) else 0
+    except Exception as exc:  # click usage errors surface as ClickException
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Abort):
+            return 1
+        raise
+    return 0
+
+
+def entrypoint() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

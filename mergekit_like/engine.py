@@ -1,0 +1,249 @@
+"""The merge engine: plan → read → merge → write, top to bottom.
+
+1. **plan**   phase B (plan.py): every input's headers checked, every parameter resolved, the
+              output shard layout fixed (io/shards.py) and the resume key computed.
+2. **read**   a background thread reads the inputs of the next tensor (safe_open, one tensor at a
+              time, checked finite) while the current one is merged.
+3. **merge**  inputs moved to the device, handed to the method as one ``TensorTask``; the method
+              computes block by block in float32 (float64 if asked) and casts once.
+4. **write**  outputs go to a writer thread that streams bytes into pre-planned shards inside
+              ``.OUT.partial/``; each finished shard is fsync'd, checked and marked done (resume).
+              Side files follow, then the folder is checked and renamed into place.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mergekit_like import __version__
+from mergekit_like.errors import MergeError
+from mergekit_like.io.output import OutputFolder
+from mergekit_like.io.shards import INDEX_FILE, ShardPlan, index_text, plan_shards
+from mergekit_like.io.side_files import (copy_side_files, main_dtype_name, model_card,
+                                         updated_config)
+from mergekit_like.io.writer import AsyncShardWriter, iter_write_order
+from mergekit_like.methods.base import TensorTask
+from mergekit_like.plan import MergePlan, SourceOpener, TensorJob, build_plan
+from mergekit_like.recipe import Recipe
+from mergekit_like.verify import verify_output
+
+MASK_SCHEME = "splitmix64-v1"
+DEFAULT_SHARD_BYTES = 5 * 10**9
+
+
+@dataclass
+class MergeOptions:
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    out_shard_bytes: int = DEFAULT_SHARD_BYTES
+    overwrite: bool = False
+    resume: bool = True
+    allow_nonfinite: bool = False
+    block_elems: int = 1 << 22
+
+
+@dataclass
+class JobInputs:
+    base: torch.Tensor | None
+    inputs: list[torch.Tensor]
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    shards: list[ShardPlan]
+    skipped_shards: set[str]
+    warnings: list[str]
+
+
+Progress = Callable[[str, int], None]  # (tensor name, bytes of output produced)
+
+
+def run_merge(recipe: Recipe, out: Path, options: MergeOptions, open_source: SourceOpener,
+              progress: Progress | None = None,
+              on_start: Callable[[int], None] | None = None) -> MergeResult:
+    """Merge ``recipe`` into ``out``. ``on_start(bytes)`` is called once the work is known,
+    ``progress(name, bytes)`` after each output tensor is handed to the writer."""
+    plan = build_plan(recipe, open_source)
+    try:
+        return _execute(plan, Path(out), options, progress, on_start)
+    finally:
+        plan.close()
+
+
+def _execute(plan: MergePlan, out: Path, options: MergeOptions, progress: Progress | None,
+             on_start: Callable[[int], None] | None) -> MergeResult:
+    # ---- plan: shard layout and resume key ------------------------------------------------
+    shards = plan_shards(plan.outputs, options.out_shard_bytes)
+    folder = OutputFolder(out, overwrite=options.overwrite, resume=options.resume,
+                          resume_key=resume_key(plan, shards, options),
+                          planned_bytes=sum(s.file_size for s in shards), plans=shards)
+    done = folder.prepare()
+    writer = AsyncShardWriter(folder, shards, skip=done)
+    try:
+        # ---- read → merge → write, in the order the shards are laid out ------------------
+        jobs = _jobs_in_write_order(plan, iter_write_order(shards, done))
+        skipped = {t.name for s in shards if s.filename in done for t in s.tensors}
+        if on_start:
+            on_start(sum(s.data_size for s in shards if s.filename not in done))
+        pending: dict[str, torch.Tensor] = {}
+        for job, inputs in _read_ahead(jobs, lambda j: read_job(plan, j, options)):
+            for name, tensor in merge_job(plan, job, inputs, options).items():
+                pending[name] = tensor
+            for spec in job.outputs:
+                tensor = pending.pop(spec.name, None)
+                if tensor is not None and spec.name not in skipped:
+                    writer.submit(spec.name, tensor.cpu())
+                    if progress:
+                        progress(spec.name, tensor.numel() * tensor.element_size())
+        writer.close()
+        # ---- side files, check, rename into place ------------------------------------------
+        _write_side_files(plan, folder, shards)
+        verify_output(folder.partial, read_data=False, allow_state_dir=True)
+        folder.finalize()
+    except BaseException as exc:
+        writer.abort()
+        folder.abort(keep_partial=_resumable(exc))
+        raise
+    return MergeResult(out, shards, done, plan.warnings + list(folder.warnings))
+
+
+def _resumable(exc: BaseException) -> bool:
+    """Keep the partial folder (for --resume) after interruptions and full disks."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return True
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    return isinstance(exc, MergeError) and str(exc).startswith("disk full")
+
+
+def _jobs_in_write_order(plan: MergePlan, names: Iterable[str]) -> Iterator[TensorJob]:
+    """Each job once, when the writer first needs one of its outputs."""
+    by_output = {o.name: job for job in plan.jobs for o in job.outputs}
+    seen: set[int] = set()
+    for name in names:
+        job = by_output[name]
+        if id(job) not in seen:
+            seen.add(id(job))
+            yield job
+
+
+def _read_ahead(jobs: Iterator[TensorJob],
+                read: Callable[[TensorJob], JobInputs]) -> Iterator[tuple[TensorJob, JobInputs]]:
+    """Yield (job, inputs) while the next job's inputs are read in a background thread."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergekit-like-read") as pool:
+        nxt = next(jobs, None)
+        future = pool.submit(read, nxt) if nxt is not None else None
+        while nxt is not None:
+            current, current_future = nxt, future
+            nxt = next(jobs, None)
+            future = pool.submit(read, nxt) if nxt is not None else None
+            yield current, current_future.result()
+
+
+# ---- read ---------------------------------------------------------------------------------
+
+def read_job(plan: MergePlan, job: TensorJob, options: MergeOptions) -> JobInputs:
+    """Read one job's inputs in their stored dtype on CPU, each checked finite."""
+    if not job.merge:
+        ref = plan.reference.read_tensor(job.name)
+        _warn_if_buffers_differ(plan, job, ref)
+        return JobInputs(ref, [])
+    base = None
+    if plan.base_pos is not None:
+        base = _read_checked(plan, plan.base_pos, job.name, options)
+    inputs = [_read_checked(plan, pos, job.name, options) for pos in job.participants]
+    return JobInputs(base, inputs)
+
+
+def _read_checked(plan: MergePlan, pos: int, name: str, options: MergeOptions) -> torch.Tensor:
+    tensor = plan.sources[pos].read_tensor(name)
+    if not options.allow_nonfinite and not bool(torch.isfinite(tensor).all()):
+        raise MergeError(f"{plan.inputs[pos].ref.display}: tensor '{name}' contains NaN or Inf "
+                         "(pass --allow-nonfinite to merge it anyway)")
+    return tensor
+
+
+def _warn_if_buffers_differ(plan: MergePlan, job: TensorJob, ref: torch.Tensor) -> None:
+    for pos, header in enumerate(plan.headers):
+        if pos == plan.reference_pos or job.name not in header:
+            continue
+        other = plan.sources[pos].read_tensor(job.name)
+        if other.shape != ref.shape or not torch.equal(other, ref):
+            plan.warnings.append(f"{plan.inputs[pos].ref.display}: non-floating tensor "
+                                 f"'{job.name}' differs from the reference; the reference's is kept")
+
+
+# ---- merge --------------------------------------------------------------------------------
+
+def merge_job(plan: MergePlan, job: TensorJob, inputs: JobInputs,
+              options: MergeOptions) -> dict[str, torch.Tensor]:
+    """Outputs of one job on the compute device, each in its planned dtype."""
+    if not job.merge:
+        return {job.name: inputs.base}
+    device = options.device
+    task = TensorTask(
+        name=job.name,
+        shape=tuple(job.info.shape),
+        out_dtype=job.outputs[0].dtype,
+        compute_dtype=plan.compute_dtype,
+        load_dtype=plan.recipe.dtype,
+        base=None if inputs.base is None else inputs.base.to(device, non_blocking=True),
+        inputs=[t.to(device, non_blocking=True) for t in inputs.inputs],
+        input_indices=[plan.inputs[pos].index for pos in job.participants],
+        model_params=job.model_params,
+        params=job.params,
+        seed=plan.recipe.seed,
+        block_elems=options.block_elems,
+        device=device,
+    )
+    outputs = plan.method.merge(task)
+    for spec in job.outputs:
+        got = outputs[spec.name]
+        if got.dtype != spec.dtype or tuple(got.shape) != tuple(spec.shape):
+            raise RuntimeError(f"{plan.method.spec.name} produced {got.dtype} {list(got.shape)} "
+                               f"for '{spec.name}', planned {spec.dtype} {list(spec.shape)}")
+    return outputs
+
+
+# ---- write: side files and the resume key ----------------------------------------------------
+
+def _write_side_files(plan: MergePlan, folder: OutputFolder, shards: list[ShardPlan]) -> None:
+    if len(shards) > 1:
+        folder.write_side_file(INDEX_FILE, index_text(shards, __version__))
+    config = plan.reference.config()
+    if config is not None:
+        folder.write_side_file("config.json", updated_config(config, main_dtype_name(plan.outputs)))
+    plan.warnings.extend(copy_side_files(folder, plan.tokenizer, plan.reference))
+    recipe = plan.recipe
+    models = [inp.ref.display for inp in plan.inputs]
+    hub_models = [inp.ref.path for inp in sorted(plan.inputs, key=lambda i: not i.is_base)
+                  if not inp.ref.is_local]  # the card's base_model lists Hub ids only
+    folder.write_side_file("README.md", model_card(
+        method=recipe.merge_method, base_models=hub_models, models=models,
+        recipe_text=recipe.text))
+    folder.write_side_file("mergekit_config.yml", recipe.text)
+
+
+def resume_key(plan: MergePlan, shards: list[ShardPlan], options: MergeOptions) -> str:
+    """sha256 of everything that decides the output bytes (safetensors_io.md §6)."""
+    payload = {
+        "recipe": plan.recipe.resolved(),
+        "inputs": [s.identity() for s in plan.sources],
+        "shards": [[s.filename, [[t.name, str(t.dtype), list(t.shape)] for t in s.tensors]]
+                   for s in shards],
+        "out_shard_bytes": options.out_shard_bytes,
+        "seed": plan.recipe.seed,
+        "mask_scheme": MASK_SCHEME,
+        "version": __version__,
+        "device": options.device.type,
+    }
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()

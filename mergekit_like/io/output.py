@@ -1,0 +1,399 @@
+"""The output folder: lock, free-space check, partial folder, resume, atomic finalize
+(safetensors_io.md §5–§6).
+
+::
+
+    parent/
+      OUT/                              appears only when complete (one rename)
+      .OUT.partial/                     shards and side files are written here
+         .mergekit_like_state/state.json          resume key + shard plan summary
+         .mergekit_like_state/done/<shard>.json   per-shard completion markers
+      .OUT.lock                         O_CREAT|O_EXCL, holds the pid; stale if that pid is dead
+
+The engine holds one ``OutputFolder`` for a run: ``prepare()`` (returns the shards a resumed run
+may skip), ``shard_path``/``mark_done`` for the writer, ``write_side_file`` for the rest, then
+``finalize()``, or ``abort(keep_partial=…)`` on failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from mergekit_like import __version__
+from mergekit_like.errors import MergeError
+from mergekit_like.io.shards import ShardPlan, format_bytes
+from mergekit_like.io.writer import _is_disk_full, disk_full_error
+
+STATE_DIR = ".mergekit_like_state"
+STATE_FILE = "state.json"
+DONE_DIR = "done"
+FREE_SPACE_MARGIN = 1.02
+_FRESH_LOCK_S = 10.0  # an unreadable lock younger than this is taken as held (being written)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    try:  # a zombie (killed, not yet reaped) is dead for our purposes
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rfind(b")") + 2:][:1] != b"Z"
+    except OSError:
+        return True
+
+
+def read_header_sha256(path: Path) -> str | None:
+    """sha256 of a safetensors file's length prefix + header, or None if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) != 8:
+                return None
+            (n,) = struct.unpack("<Q", prefix)
+            if n > 100 * 1024 * 1024:
+                return None
+            header = f.read(n)
+            if len(header) != n:
+                return None
+    except OSError:
+        return None
+    return hashlib.sha256(prefix + header).hexdigest()
+
+
+class OutputFolder:
+    def __init__(self, out: str | os.PathLike, *, overwrite: bool, resume: bool, resume_key: str,
+                 planned_bytes: int, plans: list[ShardPlan] | None = None):
+        self.out = Path(os.path.abspath(out))
+        if not self.out.name or self.out.name in (".", ".."):
+            raise MergeError(f"invalid output folder: {out}")
+        self.parent = self.out.parent
+        name = self.out.name
+        self.partial = self.parent / f".{name}.partial"
+        self.lock_path = self.parent / f".{name}.lock"
+        self.state_dir = self.partial / STATE_DIR
+        self.done_dir = self.state_dir / DONE_DIR
+        self.overwrite = overwrite
+        self.resume = resume
+        self.resume_key = resume_key
+        self.planned_bytes = int(planned_bytes)
+        self.plans = plans
+        self.warnings: list[str] = []
+        self._locked = False
+        self._prepared = False
+        self._finished = False
+        self._written: set[str] = set()
+        self._state: dict[str, Any] = {}
+
+    # ---- prepare ----------------------------------------------------------------------------
+
+    def prepare(self) -> set[str]:
+        """Check and lock; set up ``.OUT.partial/``. Returns the completed shard file names a
+        resumed run keeps (empty on a fresh start)."""
+        if os.path.lexists(self.out) and not self.overwrite:
+            raise MergeError(f"output folder exists: {self.out} (pass --overwrite to replace it)")
+        try:
+            self.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MergeError(f"cannot create {self.parent}: {exc.strerror or exc}") from None
+        self._acquire_lock()
+        try:
+            mode, kept = self._inspect_partial()
+            self._check_free_space(mode, kept)
+            self._setup_partial(mode, kept)
+        except BaseException:
+            self._release_lock()
+            raise
+        self._prepared = True
+        self._written = set(kept)
+        return set(kept)
+
+    def _inspect_partial(self) -> tuple[str, dict[str, int]]:
+        """Read-only look at an existing partial folder: ('none'|'fresh'|'mismatch'|'resume',
+        {kept shard: size})."""
+        if not os.path.lexists(self.partial):
+            return "none", {}
+        if not self.resume:
+            return "fresh", {}
+        try:
+            state = json.loads((self.state_dir / STATE_FILE).read_text(encoding="utf-8"))
+            key = state.get("resume_key")
+        except (OSError, ValueError, AttributeError):
+            key = None
+        if key != self.resume_key:
+            return "mismatch", {}
+        self._state = state
+        planned = {p.filename: p for p in self.plans} if self.plans is not None else None
+        kept: dict[str, int] = {}
+        for marker_path in sorted(self.done_dir.glob("*.json")) if self.done_dir.is_dir() else []:
+            try:
+                marker = json.loads(marker_path.read_text(encoding="utf-8"))
+                fn, size, sha = marker["file"], int(marker["size"]), marker["header_sha256"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if not isinstance(fn, str) or marker_path.name != f"{fn}.json" or "/" in fn:
+                continue
+            if planned is not None and (fn not in planned or planned[fn].file_size != size
+                                        or planned[fn].header_sha256 != sha):
+                continue
+            path = self.partial / fn
+            if not path.is_file() or path.is_symlink() or path.stat().st_size != size:
+                continue
+            if read_header_sha256(path) != sha:
+                continue
+            kept[fn] = size
+        return "resume", kept
+
+    def _check_free_space(self, mode: str, kept: dict[str, int]) -> None:
+        still_needed = max(0, self.planned_bytes - sum(kept.values()))
+        required = int(still_needed * FREE_SPACE_MARGIN)
+        free = shutil.disk_usage(self.parent).free
+        if mode != "none":  # files of the old partial that will be deleted
+            free += max(0, _tree_bytes(self.partial) - sum(kept.values()))
+        if free < required:
+            raise MergeError(
+                f"not enough free space in {self.parent}: the output needs "
+                f"{format_bytes(required)} ({required} bytes, planned output + 2%), only "
+                f"{format_bytes(free)} ({free} bytes) available")
+
+    def _setup_partial(self, mode: str, kept: dict[str, int]) -> None:
+        if mode == "mismatch":
+            self.warnings.append(f"{self.partial}: partial output from a different "
+                                 "recipe/input; starting over")
+        if mode in ("fresh", "mismatch"):
+            _remove(self.partial)
+        if mode == "resume":
+            for entry in self.partial.iterdir():
+                if entry.name != STATE_DIR and entry.name not in kept:
+                    _remove(entry)
+            for entry in self.state_dir.iterdir():
+                if entry.name not in (DONE_DIR, STATE_FILE):
+                    _remove(entry)
+            if self.done_dir.is_dir():
+                for entry in self.done_dir.iterdir():
+                    if entry.name[:-len(".json")] not in kept or not entry.name.endswith(".json"):
+                        _remove(entry)
+        else:
+            self._state = {}
+        self.done_dir.mkdir(parents=True, exist_ok=True)
+        values = self._state.get("values") if isinstance(self._state.get("values"), dict) else {}
+        self._state = {
+            "resume_key": self.resume_key,
+            "mergekit_like_version": __version__,
+            "shards": [p.summary() for p in self.plans] if self.plans is not None else None,
+            "values": values,
+        }
+        self._write_state()
+        _fsync_dir(self.partial)
+        _fsync_dir(self.parent)
+
+    # ---- the lock ---------------------------------------------------------------------------
+
+    def _lock_owner(self) -> int | None:
+        try:
+            return int(self.lock_path.read_text(encoding="utf-8").split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _acquire_lock(self) -> None:
+        for _ in range(3):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid = self._lock_owner()
+                if pid is None:
+                    try:
+                        age = time.time() - self.lock_path.stat().st_mtime
+                    except FileNotFoundError:
+                        continue
+                    held = age < _FRESH_LOCK_S
+                else:
+                    held = _pid_alive(pid)
+                if held:
+                    who = f"process {pid}" if pid is not None else "another process"
+                    raise MergeError(f"output {self.out} is locked by {who} ({self.lock_path}); "
+                                     "wait for it to finish, or remove the lock if it is stale")
+                self.warnings.append(f"removed stale lock {self.lock_path} "
+                                     f"(process {pid} is not running)")
+                try:
+                    self.lock_path.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(f"{os.getpid()}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if self._lock_owner() != os.getpid():  # pragma: no cover - lost a takeover race
+                raise MergeError(f"output {self.out} is locked by another process "
+                                 f"({self.lock_path})")
+            self._locked = True
+            return
+        raise MergeError(f"could not take the lock {self.lock_path}")
+
+    def _release_lock(self) -> None:
+        if self._locked:
+            self._locked = False
+            if self._lock_owner() == os.getpid():
+                try:
+                    self.lock_path.unlink()
+                except FileNotFoundError:
+                    pass
+
+    # ---- writing ----------------------------------------------------------------------------
+
+    def _atomic_write(self, path: Path, data: bytes, shown_name: str) -> None:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            if _is_disk_full(exc):
+                raise disk_full_error(shown_name) from exc
+            raise
+        _fsync_dir(path.parent)
+
+    def _require_prepared(self) -> None:
+        if not self._prepared or self._finished:
+            raise RuntimeError("output folder is not prepared (call prepare() first)")
+
+    def shard_path(self, name: str) -> Path:
+        return self.partial / name
+
+    def mark_done(self, marker: dict) -> None:
+        """Record a finished, fsync'd and verified shard (its marker: file, size, header_sha256)."""
+        self._require_prepared()
+        name = marker["file"]
+        self._atomic_write(self.done_dir / f"{name}.json",
+                           json.dumps(marker, sort_keys=True).encode("utf-8"), name)
+        self._written.add(name)
+
+    def write_side_file(self, name: str, data: bytes | str) -> Path:
+        """Write ``name`` (a relative path) into the partial folder via a temp file."""
+        self._require_prepared()
+        rel = PurePosixPath(name)
+        if rel.is_absolute() or not rel.parts or ".." in rel.parts or rel.parts[0] == STATE_DIR:
+            raise ValueError(f"invalid side file name: {name!r}")
+        path = self.partial.joinpath(*rel.parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._atomic_write(path, data.encode("utf-8") if isinstance(data, str) else bytes(data),
+                           name)
+        self._written.add(str(rel))
+        return path
+
+    @property
+    def written_files(self) -> list[str]:
+        """Every file this run put in the output (kept shards, new shards, side files)."""
+        return sorted(self._written)
+
+    # ---- extra resume state (e.g. per-model TIES thresholds) ---------------------------------
+
+    def state_get(self, key: str, default: Any = None) -> Any:
+        return self._state.get("values", {}).get(key, default)
+
+    def state_set(self, key: str, value: Any) -> None:
+        """Store a JSON value in state.json (kept across a resume with the same key)."""
+        self._require_prepared()
+        self._state.setdefault("values", {})[key] = value
+        self._write_state()
+
+    def _write_state(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._atomic_write(self.state_dir / STATE_FILE,
+                           (json.dumps(self._state, indent=2, sort_keys=True) + "\n").encode(),
+                           STATE_FILE)
+
+    # ---- finish -----------------------------------------------------------------------------
+
+    def finalize(self) -> Path:
+        """Publish the partial folder as OUT (atomic rename) and release the lock."""
+        self._require_prepared()
+        _remove(self.state_dir)
+        _fsync_dir(self.partial)
+        old = None
+        if os.path.lexists(self.out):
+            if not self.overwrite:
+                raise MergeError(f"output folder exists: {self.out} "
+                                 "(pass --overwrite to replace it)")
+            old = self.parent / f".{self.out.name}.old-{os.getpid()}"
+            if os.path.lexists(old):
+                _remove(old)
+            os.rename(self.out, old)
+        os.rename(self.partial, self.out)
+        _fsync_dir(self.parent)
+        self._finished = True
+        if old is not None:
+            _remove(old)
+            _fsync_dir(self.parent)
+        self._release_lock()
+        return self.out
+
+    def abort(self, keep_partial: bool) -> None:
+        """Give up: release the lock; delete the partial folder unless ``keep_partial``.
+        Idempotent; never touches OUT or a partial folder this object did not prepare."""
+        if self._prepared and not self._finished and not keep_partial:
+            shutil.rmtree(self.partial, ignore_errors=True)
+        self._finished = self._finished or self._prepared
+        self._release_lock()
+
+    def __enter__(self) -> OutputFolder:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._finished:
+            keep = self.done_dir.is_dir() and any(self.done_dir.iterdir())
+            self.abort(keep_partial=keep)

@@ -1,0 +1,218 @@
+"""The validated recipe (the result of phase A) and parameter resolution (recipe.md §4)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergekit_like.dtypes import TORCH_TO_NAME
+from mergekit_like.errors import MergeError
+from mergekit_like.methods.base import REQUIRED, MethodSpec, ParamSpec
+from mergekit_like.recipe.params import NO_VALUE, Setting, canonical, evaluate
+from mergekit_like.recipe.refs import ModelRef
+from mergekit_like.recipe.yaml_lines import Locator
+
+
+@dataclass
+class InputModel:
+    """One method input. ``index`` is the position in ``models`` as written (an appended base
+    gets ``len(models)``); ``entry_params`` the parsed per-model settings under
+    ``models[index].parameters`` that apply (ignored ones dropped); ``extra`` the method's own
+    entry keys (e.g. twin's ``name``)."""
+
+    ref: ModelRef
+    index: int
+    is_base: bool
+    entry_params: dict[str, Setting]
+    extra: dict[str, Any] = field(default_factory=dict)
+    listed: bool = True
+    """False for a base_model that is not listed under models (appended)."""
+
+
+@dataclass
+class Recipe:
+    path: Path
+    text: str
+    display: str
+    merge_method: str
+    method: Any
+    spec: MethodSpec
+    base: ModelRef | None
+    inputs: list[InputModel]
+    dtype: torch.dtype | None
+    out_dtype: torch.dtype | None
+    tokenizer_source: ModelRef | None
+    chat_template: str | None
+    seed: int
+    vocab_policy: str
+    on_missing_tensor: str
+    on_extra_tensor: str
+    warnings: list[str]
+    top_params: dict[str, Setting]
+    locator: Locator
+
+    # ------------------------------------------------------------ convenience
+    @property
+    def base_input(self) -> InputModel | None:
+        return next((m for m in self.inputs if m.is_base), None)
+
+    @property
+    def reference(self) -> ModelRef:
+        """The reference model: base_model if set, else the first model (recipe.md §1)."""
+        return self.base if self.base is not None else self.inputs[0].ref
+
+    @property
+    def non_base_inputs(self) -> list[InputModel]:
+        return [m for m in self.inputs if not m.is_base]
+
+    def all_refs(self) -> list[ModelRef]:
+        """Every distinct model reference (inputs, then a tokenizer donor that is not an input):
+        phase B pins each Hub ref by setting ``ref.sha``."""
+        refs = [m.ref for m in self.inputs]
+        if self.tokenizer_source is not None and all(r is not self.tokenizer_source for r in refs):
+            refs.append(self.tokenizer_source)
+        return refs
+
+    def where(self, *path: Any) -> str:
+        """``recipe.yml:7 models[1].parameters.weight`` (line of that key, dotted path)."""
+        return self.locator.where(*path)
+
+    def input_label(self, inp: InputModel) -> str:
+        """``models[1] (org/code-8b)`` or ``base_model (org/base)`` for an appended base."""
+        if not inp.listed:
+            return f"base_model ({inp.ref.display})"
+        return f"models[{inp.index}] ({inp.ref.display})"
+
+    def _input_path(self, inp: InputModel) -> tuple:
+        return ("models", inp.index) if inp.listed else ("base_model",)
+
+    def _param_spec(self, name: str) -> ParamSpec:
+        p = self.spec.param(name)
+        if p is None:
+            raise KeyError(f"method '{self.merge_method}' has no parameter '{name}'")
+        return p
+
+    # ------------------------------------------------------------ resolution (§4)
+    def model_param(self, name: str, inp: InputModel, tensor: str, t: float) -> Any:
+        """Per-model parameter ``name`` of ``inp`` on ``tensor`` at layer position ``t``:
+        models[i].parameters, then top-level parameters, then the method default. The base of a
+        task-vector method gets None. Raises MergeError when a required value is missing."""
+        p = self._param_spec(name)
+        if not p.per_model:
+            raise ValueError(f"'{name}' is method-wide; use method_param")
+        if inp.is_base and not self.spec.base_joins_inputs:
+            return None
+        own = inp.entry_params.get(name)
+        if own is not None:
+            v = evaluate(own, tensor, t)
+            if v is not NO_VALUE:
+                return v
+        top = self.top_params.get(name)
+        if top is not None:
+            v = evaluate(top, tensor, t)
+            if v is not NO_VALUE:
+                return v
+        if p.default is not REQUIRED:
+            return p.default
+        if own is not None:
+            line_path = self._input_path(inp) + ("parameters", name)
+        elif top is not None:
+            line_path = ("parameters", name)
+        else:
+            line_path = self._input_path(inp)
+        why = ("it is not set" if own is None and top is None
+               else "no filter matched and there is no catch-all entry")
+        raise MergeError(f"{self.locator.at(line_path, self.input_label(inp))}: '{name}' has no "
+                         f"value for tensor '{tensor}' ({why})")
+
+    def model_params(self, inp: InputModel, tensor: str, t: float) -> dict[str, Any]:
+        """Every per-model parameter of ``inp`` (None for the base of a task-vector method)."""
+        return {p.name: self.model_param(p.name, inp, tensor, t)
+                for p in self.spec.params if p.per_model}
+
+    def method_param(self, name: str, tensor: str, t: float) -> Any:
+        """Method-wide parameter: top-level parameters, then the method default."""
+        p = self._param_spec(name)
+        if p.per_model:
+            raise ValueError(f"'{name}' is a per-model parameter; use model_param")
+        top = self.top_params.get(name)
+        if top is not None:
+            v = evaluate(top, tensor, t)
+            if v is not NO_VALUE:
+                return v
+        if p.default is not REQUIRED:
+            return p.default
+        why = "it is not set" if top is None else \
+            "no filter matched and there is no catch-all entry"
+        raise MergeError(f"{self.where('parameters', name)}: '{name}' has no value for tensor "
+                         f"'{tensor}' ({why})")
+
+    def method_params(self, tensor: str, t: float) -> dict[str, Any]:
+        return {p.name: self.method_param(p.name, tensor, t)
+                for p in self.spec.params if not p.per_model}
+
+    # ------------------------------------------------------------ resolved form (§7)
+    def resolved(self) -> dict[str, Any]:
+        """Canonical JSON-able form: defaults filled in, Hub refs at their commit sha when known
+        (``ModelRef.sha``), ignored values dropped, floats normalised."""
+        models = []
+        for inp in self.inputs:
+            params: dict[str, Any] = {}
+            if not inp.is_base or self.spec.base_joins_inputs:
+                for p in self.spec.params:
+                    if not p.per_model:
+                        continue
+                    if p.name in inp.entry_params:
+                        params[p.name] = _jsonable(canonical(inp.entry_params[p.name]))
+                    elif p.name not in self.top_params and p.default is not REQUIRED:
+                        params[p.name] = _jsonable(p.default)
+            entry = {"model": inp.ref.resolved(), "index": inp.index, "is_base": inp.is_base,
+                     "parameters": params}
+            if inp.extra:
+                entry["extra"] = _jsonable(inp.extra)
+            models.append(entry)
+        top: dict[str, Any] = {}
+        for p in self.spec.params:
+            if p.name in self.top_params:
+                top[p.name] = _jsonable(canonical(self.top_params[p.name]))
+            elif not p.per_model and p.default is not REQUIRED:
+                top[p.name] = _jsonable(p.default)
+        return {
+            "merge_method": self.merge_method,
+            "base_model": self.base.resolved() if self.base is not None else None,
+            "models": models,
+            "parameters": _jsonable(top),
+            "dtype": TORCH_TO_NAME[self.dtype] if self.dtype is not None else None,
+            "out_dtype": TORCH_TO_NAME[self.out_dtype] if self.out_dtype is not None else None,
+            "tokenizer_source": (self.tokenizer_source.resolved()
+                                 if self.tokenizer_source is not None else "default"),
+            "chat_template": self.chat_template,
+            "seed": self.seed,
+            "vocab_policy": self.vocab_policy,
+            "on_missing_tensor": self.on_missing_tensor,
+            "on_extra_tensor": self.on_extra_tensor,
+        }
+
+    def resolved_json(self) -> str:
+        """``resolved()`` as canonical JSON: sorted keys, compact separators."""
+        return json.dumps(self.resolved(), sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False, allow_nan=False)
+
+    def resolved_hash(self) -> str:
+        """sha256 hex of ``resolved_json()`` (the resume key's recipe part, the grid run id)."""
+        return hashlib.sha256(self.resolved_json().encode("utf-8")).hexdigest()
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)

@@ -1,0 +1,375 @@
+"""Phase A of recipe.md §6: everything that can be checked from the recipe alone (no I/O besides
+reading the file and asking whether local model folders exist).
+
+YAML syntax, the schema, unsupported features, known method, model references and duplicates,
+dtype names, base present when required, input counts, known parameter names, value kinds and
+ranges on every literal leaf, required parameters present at some level.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from mergekit_like.dtypes import RECIPE_DTYPES, parse_recipe_dtype
+from mergekit_like.errors import MergeError
+from mergekit_like.methods import PLANNED
+from mergekit_like.methods.base import REQUIRED, MethodSpec, ParamSpec
+from mergekit_like.recipe.model import InputModel, Recipe
+from mergekit_like.recipe.params import (Conditional, Gradient, Scalar, Setting, SettingFormError,
+                                         Steps, is_number, leaves, map_leaves, parse_setting)
+from mergekit_like.recipe.refs import ModelRef, parse_ref
+from mergekit_like.recipe.schema import ENTRY_KEYS, check_document, suggest, unknown_key
+from mergekit_like.recipe.yaml_lines import Locator, load_yaml
+
+log = logging.getLogger(__name__)
+
+CANONICAL_ORDER = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear") \
+    + tuple(PLANNED)
+FLOAT_KINDS = ("float", "density")
+
+
+def _ordered(names: list[str]) -> list[str]:
+    rank = {n: i for i, n in enumerate(CANONICAL_ORDER)}
+    return sorted(dict.fromkeys(names), key=lambda n: (rank.get(n, len(rank)), names.index(n)))
+
+
+def _lookup(methods: Mapping[str, Any] | None) -> tuple[Callable[[str], Any], list[str]]:
+    """(get, known names): the registry, or a test mapping name -> Method/MethodSpec/None."""
+    if methods is None:
+        from mergekit_like.methods import get_method, known_names
+        return get_method, _ordered(known_names())
+    known = list(methods) + [n for n in PLANNED if n not in methods]
+    return (lambda n: methods.get(n)), _ordered(known)
+
+
+def _spec_of(method: Any) -> MethodSpec:
+    return method if isinstance(method, MethodSpec) else method.spec
+
+
+def _show(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, dict):
+        return "a map"
+    return repr(v)
+
+
+# ---------------------------------------------------------------- value kinds
+
+class _Checker:
+    """Parses settings and checks the kind and range of every literal leaf."""
+
+    def __init__(self, spec: MethodSpec, loc: Locator, warnings: list[str]):
+        self.spec, self.loc, self.warnings = spec, loc, warnings
+        self.warned_ineffective: set[str] = set()
+
+    def setting(self, p: ParamSpec, raw: Any, path: tuple) -> Setting:
+        try:
+            s = parse_setting(raw, structured=(p.kind == "structured"))
+        except SettingFormError as exc:
+            raise self.loc.error(path + exc.subpath, exc.message) from None
+        if p.kind in ("bool", "float", "density"):
+            self._no_steps(p, s, path)
+        return map_leaves(s, lambda sub, v: self.leaf(p, v, path + sub))
+
+    def _no_steps(self, p: ParamSpec, s: Setting, path: tuple) -> None:
+        forms = [((), s)] if not isinstance(s, Conditional) else \
+            [(s.sub(i) + ("value",), e.value) for i, e in enumerate(s.entries)]
+        for sub, form in forms:
+            if p.kind == "bool" and isinstance(form, (Gradient, Steps)):
+                raise self.loc.error(path + sub, f"'{p.name}' must be true or false; gradients "
+                                                 "are not allowed for bools")
+            if isinstance(form, Steps):  # a list with a non-number in a numeric parameter
+                i, bad = next((i, v) for i, v in enumerate(form.values) if not is_number(v))
+                self.leaf(p, bad, path + sub + (i,))
+
+    def leaf(self, p: ParamSpec, v: Any, path: tuple) -> Any:
+        kind = p.kind
+        if v is None and p.default is None:
+            return None
+        if kind in FLOAT_KINDS:
+            if not is_number(v):
+                if isinstance(v, str):
+                    try:
+                        float(v)
+                    except ValueError:
+                        pass
+                    else:
+                        raise self.loc.error(path, f"expected a number, got the string {v!r} "
+                                                   "(YAML reads forms like 1e6 as strings; "
+                                                   "write 1.0e6)")
+                raise self.loc.error(path, f"expected a number, got {_show(v)}")
+            f = float(v)
+            if not math.isfinite(f):
+                raise self.loc.error(path, f"{_show(v)} is not a finite number")
+            if kind == "density" and not 0.0 <= f <= 1.0:
+                raise self.loc.error(path, f"{_show(v)} is outside [0, 1]")
+            if p.name == "t" and not 0.0 <= f <= 1.0:
+                self.warnings.append(f"{self.loc.where(*path)}: {_show(v)} is outside [0, 1] "
+                                     "(extrapolation)")
+            return f
+        if kind == "bool":
+            if not isinstance(v, bool):
+                raise self.loc.error(path, f"'{p.name}' must be true or false, got {_show(v)}")
+            return v
+        if kind == "rescale":
+            if not (isinstance(v, bool) or v == "l1"):
+                raise self.loc.error(path, f"'{p.name}' must be true, false or \"l1\", "
+                                           f"got {_show(v)}")
+            return v
+        if kind == "choice":
+            if not isinstance(v, str) or v not in p.choices:
+                hint = suggest(v, p.choices) if isinstance(v, str) else ""
+                raise self.loc.error(path, f"'{p.name}' must be one of {', '.join(p.choices)}; "
+                                           f"got {_show(v)}{hint}")
+            return v
+        return v  # structured / kinds this validator does not know: taken as is
+
+    def note_ineffective(self, p: ParamSpec, path: tuple) -> None:
+        if not p.effective and p.name not in self.warned_ineffective:
+            self.warned_ineffective.add(p.name)
+            self.warnings.append(f"{self.loc.where(*path)}: '{p.name}' has no effect for "
+                                 f"merge_method '{self.spec.name}' (accepted for mergekit "
+                                 "compatibility)")
+
+
+# ---------------------------------------------------------------- phase A
+
+def build_recipe(data: Any, loc: Locator, *, path: Path, text: str, seed: int | None = None,
+                 methods: Mapping[str, Any] | None = None) -> Recipe:
+    """Validate a parsed recipe document (with its line map inside ``loc``) into a Recipe."""
+    warnings: list[str] = []
+    doc = check_document(data, loc)
+
+    # known method
+    get, known = _lookup(methods)
+    name = doc.merge_method
+    if name not in known:
+        raise loc.error(("merge_method",), f"unknown method '{name}'{suggest(name, known)} "
+                                           f"(known: {', '.join(known)})")
+    method = get(name)
+    if method is None:
+        implemented = [n for n in known if get(n) is not None]
+        raise MergeError(f"{loc.at(('merge_method',), '')} merge_method '{name}' is not supported "
+                         f"yet (supported: {', '.join(implemented) or 'none'})")
+    spec = _spec_of(method)
+    checker = _Checker(spec, loc, warnings)
+
+    # unsupported features with a value-level condition
+    if doc.chat_template is not None:
+        if doc.chat_template != "auto":
+            raise loc.error(("chat_template",), f"only 'auto' is supported for now (got "
+                                                f"{_show(doc.chat_template)})")
+        warnings.append(f"{loc.where('chat_template')}: 'auto' keeps the donor's chat template; "
+                        "mergekit would pick the most common template among the inputs")
+    if doc.tokenizer_source == "union":
+        raise loc.error(("tokenizer_source",), "'union' (a merged vocabulary) is not supported "
+                                               "yet; use 'base' or a model reference")
+
+    # model references
+    base = parse_ref(doc.base_model, loc, ("base_model",), warnings) \
+        if doc.base_model is not None else None
+    entries: list[dict] = list(data.get("models") or [])
+    entry_keys = tuple(ENTRY_KEYS) + tuple(getattr(spec, "entry_keys", ()))
+    refs: list[ModelRef] = []
+    seen: dict[tuple, int] = {}
+    for i, entry in enumerate(entries):
+        for key in entry:
+            if key not in entry_keys:
+                raise unknown_key(loc, ("models", i, key), entry_keys)
+        ref = parse_ref(entry["model"], loc, ("models", i, "model"), warnings)
+        if ref.key in seen:
+            raise loc.error(("models", i, "model"), f"'{ref.display}' is listed twice (also "
+                                                    f"models[{seen[ref.key]}]); duplicate models "
+                                                    "are not allowed")
+        seen[ref.key] = i
+        refs.append(ref)
+
+    tokenizer_source = None
+    if doc.tokenizer_source == "base":
+        if base is None:
+            warnings.append(f"{loc.where('tokenizer_source')}: 'base' but there is no base_model; "
+                            "the first model's tokenizer is used")
+    elif doc.tokenizer_source is not None:
+        tokenizer_source = parse_ref(doc.tokenizer_source, loc, ("tokenizer_source",), warnings)
+
+    # dtypes
+    dtypes = {}
+    for key in ("dtype", "out_dtype"):
+        raw = getattr(doc, key)
+        dt = parse_recipe_dtype(raw) if isinstance(raw, str) else None
+        if raw is not None and dt is None:
+            raise loc.error((key,), f"{_show(raw)} is not a supported dtype; use one of "
+                                    f"{', '.join(RECIPE_DTYPES)}")
+        dtypes[key] = dt
+
+    # base and input counts
+    if spec.needs_base and base is None:
+        why = ("t=0 is base_model, t=1 the other model" if name == "slerp"
+               else "the model the task vectors are taken against")
+        raise loc.error((), f"merge_method '{name}' needs base_model ({why})")
+    inputs = [InputModel(ref, i, base is not None and ref.key == base.key, {},
+                         {k: v for k, v in entries[i].items() if k not in ENTRY_KEYS})
+              for i, ref in enumerate(refs)]
+    listed_base = next((m for m in inputs if m.is_base), None)
+    if listed_base is not None:
+        base = listed_base.ref  # one object per model, so pinning a sha reaches every use
+    elif base is not None:
+        inputs.append(InputModel(base, len(entries), True, {}, {}, listed=False))
+    if tokenizer_source is not None:
+        tokenizer_source = next((m.ref for m in inputs if m.ref.key == tokenizer_source.key),
+                                tokenizer_source)
+    if spec.exact_inputs is not None and len(inputs) != spec.exact_inputs:
+        incl = " (base included)" if base is not None or spec.needs_base else ""
+        raise loc.error((), f"{name} takes exactly {spec.exact_inputs} models{incl}, "
+                            f"got {len(inputs)}")
+    counted = inputs if spec.base_joins_inputs or base is None else \
+        [m for m in inputs if not m.is_base]
+    if len(counted) < spec.min_inputs:
+        besides = " besides base_model" if base is not None and not spec.base_joins_inputs else ""
+        raise loc.error(("models",), f"merge_method '{name}' needs at least {spec.min_inputs} "
+                                     f"model{'s' if spec.min_inputs != 1 else ''}{besides}, "
+                                     f"got {len(counted)}")
+
+    # parameters: names, kinds, ranges
+    known_params = spec.param_names
+
+    def param_spec(key: Any, path: tuple) -> ParamSpec:
+        p = spec.param(key) if isinstance(key, str) else None
+        if p is None:
+            raise unknown_key(loc, path, known_params, f"unknown parameter for method '{name}'")
+        return p
+
+    top_params: dict[str, Setting] = {}
+    for key, raw in (doc.parameters or {}).items():
+        p = param_spec(key, ("parameters", key))
+        top_params[key] = checker.setting(p, raw, ("parameters", key))
+        checker.note_ineffective(p, ("parameters", key))
+
+    for inp in inputs:
+        if not inp.listed:
+            continue
+        i = inp.index
+        raw_params = entries[i].get("parameters") or {}
+        ignored_base: list[str] = []
+        for key, raw in raw_params.items():
+            ppath = ("models", i, "parameters", key)
+            p = param_spec(key, ppath)
+            if not p.per_model:
+                warnings.append(f"{loc.where(*ppath)}: '{key}' is method-wide; the value under "
+                                f"models[{i}].parameters is ignored; put it under top-level "
+                                "parameters")
+                continue
+            if inp.is_base and not spec.base_joins_inputs:
+                ignored_base.append(key)
+                continue
+            inp.entry_params[key] = checker.setting(p, raw, ppath)
+            checker.note_ineffective(p, ppath)
+        if ignored_base:
+            warnings.append(f"{loc.where('models', i, 'parameters')}: {', '.join(ignored_base)} "
+                            f"ignored: models[{i}] is base_model, which '{name}' uses only as the "
+                            "base")
+
+    # required parameters present at some level
+    for inp in inputs:
+        if inp.is_base and not spec.base_joins_inputs:
+            continue
+        for p in spec.params:
+            if not p.per_model or p.default is not REQUIRED:
+                continue
+            if p.name in inp.entry_params or p.name in top_params:
+                continue
+            if not inp.listed:
+                raise loc.error(("base_model",),
+                                f"method '{name}' requires '{p.name}' for every input, and "
+                                "base_model is not listed under models, so it joins as an ordinary "
+                                f"input; list it under models with a '{p.name}', or set a "
+                                f"top-level '{p.name}'", label=f"base_model ({inp.ref.display})")
+            raise loc.error(("models", inp.index),
+                            f"method '{name}' requires '{p.name}', but neither "
+                            f"models[{inp.index}].parameters nor top-level parameters sets it",
+                            label=f"models[{inp.index}] ({inp.ref.display})")
+    for p in spec.params:
+        if not p.per_model and p.default is REQUIRED and p.name not in top_params:
+            raise loc.error((), f"merge_method '{name}' requires '{p.name}' under top-level "
+                                "parameters")
+
+    _check_trim_scope(spec, top_params, inputs, loc)
+
+    if doc.seed is not None and doc.seed < 0:
+        raise loc.error(("seed",), f"must be a non-negative integer, got {doc.seed}")
+    if name == "ties" and spec.param("density") is not None and "density" not in top_params \
+            and not any("density" in m.entry_params for m in inputs):
+        log.info("ties without density: a pure sign-consensus merge (no trimming)")
+
+    recipe = Recipe(
+        path=path, text=text, display=loc.display, merge_method=name, method=method, spec=spec,
+        base=base, inputs=inputs, dtype=dtypes["dtype"],
+        out_dtype=dtypes["out_dtype"] or dtypes["dtype"], tokenizer_source=tokenizer_source,
+        chat_template=doc.chat_template,
+        seed=seed if seed is not None else (doc.seed if doc.seed is not None else 0),
+        vocab_policy=doc.vocab_policy, on_missing_tensor=doc.on_missing_tensor,
+        on_extra_tensor=doc.on_extra_tensor, warnings=warnings, top_params=top_params,
+        locator=loc)
+    hook = getattr(method, "check_recipe", None)
+    if callable(hook):  # a method's own phase-A checks (raise MergeError / append warnings)
+        hook(recipe)
+    return recipe
+
+
+def _check_trim_scope(spec: MethodSpec, top: dict[str, Setting], inputs: list[InputModel],
+                      loc: Locator) -> None:
+    """With ``trim_scope: model``, density must be a plain scalar per model (recipe.md §5)."""
+    if spec.param("trim_scope") is None:
+        return
+    ts = top.get("trim_scope")
+    model_scope = any(v == "model" for _, v in leaves(ts)) if ts is not None else \
+        spec.param("trim_scope").default == "model"
+    if not model_scope:
+        return
+    places = [(("parameters", "density"), top.get("density"))]
+    places += [(("models", m.index, "parameters", "density"), m.entry_params.get("density"))
+               for m in inputs]
+    for path, s in places:
+        if s is not None and not isinstance(s, Scalar):
+            raise loc.error(path, "with trim_scope: model, density must be a plain number per "
+                                  "model (no gradient, no filter)")
+
+
+def load_recipe_text(text: str, display: str = "recipe.yml", *, path: str | Path | None = None,
+                     seed: int | None = None, methods: Mapping[str, Any] | None = None) -> Recipe:
+    """Phase A on recipe text (``display`` names it in errors)."""
+    data, lines = load_yaml(text, display)
+    return build_recipe(data, Locator(display, lines), path=Path(path or display), text=text,
+                        seed=seed, methods=methods)
+
+
+def load_recipe(path: str | Path, *, seed: int | None = None,
+                methods: Mapping[str, Any] | None = None) -> Recipe:
+    """Read and validate a recipe file (phase A of recipe.md §6); raises MergeError.
+
+    ``seed`` (the CLI's ``--seed``) overrides the recipe's ``seed``. ``methods`` maps method
+    names to Method instances or MethodSpecs (None: not implemented yet) in place of the registry.
+    """
+    display = str(path)
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise MergeError(f"{display}: recipe file not found") from None
+    except IsADirectoryError:
+        raise MergeError(f"{display}: is a folder, not a recipe file") from None
+    except UnicodeDecodeError as exc:
+        raise MergeError(f"{display}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise MergeError(f"{display}: cannot read the recipe ({exc.strerror or exc})") from None
+    return load_recipe_text(text, display, path=Path(path), seed=seed, methods=methods)

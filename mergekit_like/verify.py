@@ -1,0 +1,182 @@
+"""Check that an output folder is a complete, consistent model (``mergekit-like verify``, and the
+precondition of ``publish``, hub.md §4).
+
+Checks, each failing with a one-line ``MergeError`` naming the file or tensor:
+
+* no leftover ``.mergekit_like_state/`` (an unfinished merge);
+* ``config.json`` present and a JSON object;
+* either ``model.safetensors`` alone, or ``model.safetensors.index.json`` plus every shard its
+  ``weight_map`` names, and no other ``*.safetensors`` file;
+* index ↔ headers agree exactly, and ``metadata.total_size`` equals the sum of tensor data bytes;
+* every header valid (``parse_header``: offsets, sizes, dtypes);
+* every tensor readable, one at a time (large ones in row blocks), and finite unless allowed
+  (skipped with ``read_data=False``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from huggingface_hub.constants import SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE
+from safetensors import safe_open
+
+from mergekit_like.dtypes import ST_TO_TORCH, is_float_code
+from mergekit_like.errors import MergeError
+from mergekit_like.io.local import read_weight_map
+from mergekit_like.io.safetensors_header import parse_header
+
+STATE_DIR = ".mergekit_like_state"
+BLOCK_BYTES = 256 * 1024 * 1024
+"""Tensors larger than this are checked in row blocks of about this size."""
+
+
+@dataclass
+class VerifyReport:
+    files: int = 0  # number of weight files
+    file_names: list[str] = field(default_factory=list)  # weight files, in shard order
+    tensors: int = 0
+    total_bytes: int = 0  # tensor data bytes
+    dtypes: Counter = field(default_factory=Counter)  # safetensors code -> tensor count
+    sharded: bool = False
+
+
+def verify_output(folder: Path, *, allow_nonfinite: bool = False, read_data: bool = True,
+                  allow_state_dir: bool = False) -> VerifyReport:
+    """Check ``folder``; ``read_data=False`` skips the tensor reads (structure and headers only),
+    ``allow_state_dir=True`` accepts ``.mergekit_like_state/`` (a partial folder, before cleanup)."""
+    folder = Path(folder)
+    where = str(folder)
+    if not folder.is_dir():
+        raise MergeError(f"{where}: output folder does not exist")
+    if not allow_state_dir and (folder / STATE_DIR).exists():
+        raise MergeError(f"{where}: incomplete output ({STATE_DIR}/ is still there; the merge did "
+                         f"not finish — re-run it to resume)")
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise MergeError(f"{where}: config.json is missing")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise MergeError(f"{where}: config.json is not valid JSON "
+                         f"({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, dict):
+        raise MergeError(f"{where}: config.json is not a JSON object")
+
+    single = folder / SAFETENSORS_SINGLE_FILE
+    index_path = folder / SAFETENSORS_INDEX_FILE
+    present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors")
+                     if not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    report = VerifyReport(sharded=index_path.is_file())
+
+    if report.sharded:
+        if single.is_file():
+            raise MergeError(f"{where}: both {SAFETENSORS_SINGLE_FILE} and {SAFETENSORS_INDEX_FILE}"
+                             f" are present (an output is one or the other)")
+        weight_map = read_weight_map(index_path, where)
+        files = sorted(set(weight_map.values()))
+        for rel in files:
+            if not (folder / rel).is_file():
+                raise MergeError(f"{where}: {rel} is missing ({SAFETENSORS_INDEX_FILE} lists it)")
+        stray = [p for p in present if p not in set(files)]
+        if stray:
+            raise MergeError(f"{where}: {stray[0]} is not referenced by {SAFETENSORS_INDEX_FILE}")
+    elif single.is_file():
+        weight_map = None
+        files = [SAFETENSORS_SINGLE_FILE]
+        stray = [p for p in present if p != SAFETENSORS_SINGLE_FILE]
+        if stray:
+            raise MergeError(f"{where}: {stray[0]} is not part of the model (only "
+                             f"{SAFETENSORS_SINGLE_FILE} is, and there is no index)")
+    else:
+        raise MergeError(f"{where}: no weights ({SAFETENSORS_SINGLE_FILE} or "
+                         f"{SAFETENSORS_INDEX_FILE}) found")
+
+    headers = {}
+    for rel in files:
+        h = parse_header(folder / rel, model=where, name=rel)
+        headers[rel] = h
+        if weight_map is not None:
+            listed = {t for t, f in weight_map.items() if f == rel}
+            missing = sorted(listed - set(h.tensors))
+            if missing:
+                raise MergeError(f"{where}: {SAFETENSORS_INDEX_FILE} puts '{missing[0]}' in "
+                                 f"{rel}, but that file does not hold it")
+            extra = sorted(set(h.tensors) - listed)
+            if extra:
+                raise MergeError(f"{where}: {rel} holds '{extra[0]}', which "
+                                 f"{SAFETENSORS_INDEX_FILE} does not list for that file")
+        report.tensors += len(h.tensors)
+        report.total_bytes += h.data_size
+        for e in h.tensors.values():
+            report.dtypes[e["dtype"]] += 1
+    if not report.tensors:
+        raise MergeError(f"{where}: the weights hold no tensors")
+
+    if weight_map is not None:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        meta = index.get("metadata")
+        total = meta.get("total_size") if isinstance(meta, dict) else None
+        if total is None:
+            raise MergeError(f"{where}: {SAFETENSORS_INDEX_FILE} has no metadata.total_size")
+        if not isinstance(total, int) or isinstance(total, bool) or total != report.total_bytes:
+            raise MergeError(f"{where}: {SAFETENSORS_INDEX_FILE} metadata.total_size is {total!r},"
+                             f" but the tensors hold {report.total_bytes} bytes of data")
+
+    if read_data:
+        for rel in files:
+            _check_tensors(folder, rel, headers[rel], where, allow_nonfinite)
+    report.files = len(files)
+    report.file_names = files
+    return report
+
+
+def _check_tensors(folder: Path, rel: str, header, where: str, allow_nonfinite: bool) -> None:
+    """Read every tensor of one file, in storage order, one at a time; check shape and finiteness."""
+    order = sorted(header.tensors.items(), key=lambda kv: tuple(kv[1]["data_offsets"]))
+    try:
+        with safe_open(str(folder / rel), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            for name, e in order:
+                if name not in keys:
+                    raise MergeError(f"{where}: {rel}: tensor '{name}' cannot be opened")
+                _check_one(f, name, e, rel, where, allow_nonfinite)
+    except MergeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a file safetensors itself rejects
+        raise MergeError(f"{where}: {rel} cannot be read by safetensors "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                         ) from None
+
+
+def _check_one(f, name: str, e: dict, rel: str, where: str, allow_nonfinite: bool) -> None:
+    code, shape = e["dtype"], tuple(e["shape"])
+    nbytes = e["data_offsets"][1] - e["data_offsets"][0]
+    check_finite = is_float_code(code) and not allow_nonfinite
+    if nbytes > BLOCK_BYTES and len(shape) >= 1 and shape[0] > 1:
+        row_bytes = max(1, nbytes // shape[0])
+        step = max(1, BLOCK_BYTES // row_bytes)
+        sl = f.get_slice(name)
+        for start in range(0, shape[0], step):
+            block = sl[start:min(start + step, shape[0])]
+            _check_block(block, name, code, shape[1:], rel, where, check_finite)
+    else:
+        t = f.get_tensor(name)
+        if tuple(t.shape) != shape:
+            raise MergeError(f"{where}: {rel}: tensor '{name}' reads with shape {list(t.shape)}, "
+                             f"header says {list(shape)}")
+        _check_block(t, name, code, shape[1:], rel, where, check_finite)
+
+
+def _check_block(t: torch.Tensor, name: str, code: str, tail: tuple[int, ...], rel: str,
+                 where: str, check_finite: bool) -> None:
+    if t.dtype != ST_TO_TORCH[code] or tuple(t.shape[1:]) != tail:
+        raise MergeError(f"{where}: {rel}: tensor '{name}' reads as {t.dtype} {list(t.shape)}, "
+                         f"header says {code}")
+    if check_finite and t.numel() and not bool(torch.isfinite(t).all()):
+        kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        raise MergeError(f"{where}: {rel}: tensor '{name}' has non-finite values ({kind}); "
+                         f"pass --allow-nonfinite to accept them")

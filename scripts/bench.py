@@ -1,0 +1,177 @@
+"""Merge benchmark: wall time and peak RSS of each method, as ratios to the I/O floor.
+
+    python scripts/bench.py                      # ~0.5 B params per model (16 layers), bf16
+    python scripts/bench.py --layers 4 16        # also checks peak RSS stays flat as models grow
+    python scripts/bench.py --small              # a quick smoke run (tiny models)
+
+For each family size it generates (once, cached under .bench/) a Llama-shaped base + 3
+fine-tunes in bf16, then runs, each in a fresh child process measured side by side:
+
+* floor: read every input tensor with the project's reader and write one model-sized output with
+  the project's writer: the I/O any merge must do;
+* linear, task_arithmetic, ties (densities 0.5/0.5/0.3), dare_ties: real `mergekit-like merge`.
+
+Inputs are read once before timing so every run sees the same (warm) page cache.
+Targets (2-core CPU): task_arithmetic ≤ 1.5× floor, ties ≤ 2.5× floor, peak RSS ≤ 1.5 GB and
+flat (±20 %) from 4 to 16 layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / ".bench"
+METHODS = ["linear", "task_arithmetic", "ties", "dare_ties"]
+
+
+def shape_for(layers: int, small: bool):
+    from mergekit_like.demo import LlamaShape
+
+    if small:
+        return LlamaShape(vocab_size=2048, hidden_size=256, intermediate_size=704,
+                          num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4)
+    return LlamaShape(vocab_size=32000, hidden_size=1536, intermediate_size=4096,
+                      num_hidden_layers=layers, num_attention_heads=12, num_key_value_heads=4)
+
+
+def family(layers: int, small: bool) -> Path:
+    import torch
+
+    from mergekit_like.demo import make_family
+
+    root = WORK / f"family-{'small' if small else 'full'}-{layers}"
+    if not (root / "ft3" / "config.json").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        print(f"generating {root.name} ({shape_for(layers, small).num_params() / 1e6:.0f} M params "
+              "per model) …", flush=True)
+        make_family(root, shape_for(layers, small), n_finetunes=3, dtype=torch.bfloat16,
+                    delta_scale=0.002, shard_bytes=[2 * 10**9, 10**9, 2 * 10**9, 5 * 10**8])
+    return root
+
+
+def recipe(method: str, fam: Path) -> dict:
+    densities = [0.5, 0.5, 0.3]
+    models = []
+    for k in (1, 2, 3):
+        params = {"weight": 1.0 if method != "linear" else 1 / 3}
+        if method in ("ties", "dare_ties"):
+            params["density"] = densities[k - 1]
+        models.append({"model": str(fam / f"ft{k}"), "parameters": params})
+    doc = {"merge_method": method, "models": models, "dtype": "float32", "out_dtype": "bfloat16"}
+    if method != "linear":
+        doc["base_model"] = str(fam / "base")
+    else:
+        models.insert(0, {"model": str(fam / "base"), "parameters": {"weight": 0.0}})
+    return doc
+
+
+# ---- child processes: one measured run each ----------------------------------------------
+
+def child_floor(fam: Path, out: Path) -> None:
+    """Read every tensor of every input (project reader), write the base's tensors as one output
+    (project writer): the floor any merge pays."""
+    from mergekit_like.io.local import LocalSource
+    from mergekit_like.io.output import OutputFolder
+    from mergekit_like.io.shards import plan_shards
+    from mergekit_like.io.writer import AsyncShardWriter, iter_write_order
+    from mergekit_like.methods.base import OutputSpec
+
+    sources = [LocalSource(fam / n, n) for n in ("base", "ft1", "ft2", "ft3")]
+    infos = sources[0].tensors()
+    shards = plan_shards([OutputSpec(n, i.shape, i.torch_dtype) for n, i in infos.items()], 5 * 10**9)
+    folder = OutputFolder(out, overwrite=True, resume=False, resume_key="floor",
+                          planned_bytes=sum(s.file_size for s in shards))
+    folder.prepare()
+    writer = AsyncShardWriter(folder, shards)
+    for name in iter_write_order(shards):
+        tensors = [s.read_tensor(name) for s in sources]
+        writer.submit(name, tensors[0])
+    writer.close()
+    folder.finalize()
+
+
+def child_merge(recipe_path: Path, out: Path) -> None:
+    from mergekit_like.cli import main
+
+    code = main(["merge", str(recipe_path), str(out), "--quiet", "--overwrite", "--device", "cpu"])
+    if code:
+        raise SystemExit(code)
+
+
+def run_child(kind: str, arg: Path, out: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, __file__, "--child", kind, str(arg), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{kind} failed:\n{proc.stderr}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def warm_cache(fam: Path) -> None:
+    for f in fam.rglob("*.safetensors"):
+        with open(f, "rb") as fh:
+            while fh.read(1 << 26):
+                pass
+
+
+def bench_family(layers: int, small: bool) -> dict[str, dict]:
+    fam = family(layers, small)
+    warm_cache(fam)
+    out = WORK / "out"
+    results = {"floor": run_child("floor", fam, out)}
+    for method in METHODS:
+        path = WORK / f"{method}.yml"
+        path.write_text(yaml.safe_dump(recipe(method, fam), sort_keys=False))
+        results[method] = run_child("merge", path, out)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="mergekit_like merge benchmark")
+    parser.add_argument("--layers", type=int, nargs="+", default=[16])
+    parser.add_argument("--small", action="store_true", help="tiny models (smoke run)")
+    parser.add_argument("--child", nargs=3, metavar=("KIND", "ARG", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, arg, out = args.child
+        start = time.perf_counter()
+        (child_floor if kind == "floor" else child_merge)(Path(arg), Path(out))
+        wall = time.perf_counter() - start
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps({"wall_s": wall, "peak_rss": rss}))
+        return
+
+    WORK.mkdir(exist_ok=True)
+    table: dict[int, dict[str, dict]] = {}
+    for layers in args.layers:
+        table[layers] = bench_family(layers, args.small)
+    for layers, results in table.items():
+        floor = results["floor"]["wall_s"]
+        params = shape_for(layers, args.small).num_params()
+        print(f"\n{layers} layers, {params / 1e6:.0f} M params per model, base + 3 fine-tunes, bf16")
+        print(f"{'run':<16}{'wall s':>9}{'× floor':>9}{'peak RSS':>11}")
+        for name, r in results.items():
+            print(f"{name:<16}{r['wall_s']:>9.2f}{r['wall_s'] / floor:>9.2f}"
+                  f"{r['peak_rss'] / 1e9:>9.2f} GB")
+    if len(table) > 1:
+        lo, hi = min(table), max(table)
+        print(f"\npeak RSS, {hi} layers / {lo} layers:")
+        for name in ["floor", *METHODS]:
+            ratio = table[hi][name]["peak_rss"] / table[lo][name]["peak_rss"]
+            print(f"  {name:<16}{ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
