@@ -21,7 +21,7 @@ from mergekit_like.errors import MergeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Streaming, memory-bounded model merging (mergekit-compatible recipes).")
-out_console = Console()
+out_console = Console(soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 

@@ -81,12 +81,14 @@ def test_ties_with_gradient_and_filter(family, tmp_path, capsys):
         layer = int(name.split(".")[2]) if ".layers." in name else None
         t = 0.0 if layer is None else layer / (SHAPE.num_hidden_layers - 1)
         w2 = 0.5 if "mlp" in name else 1.0
-        i0 = int(t)  # the recipe gradient formula with n = 2
+        grad = [1.0, 0.3]  # the recipe gradient formula with n = 2
+        i0 = int(t)
+        i1 = min(1, i0 + 1)
         f = t - i0
-        d2 = (1 - f) * 1.0 + f * 0.3
+        d2 = (1 - f) * grad[i0] + f * grad[i1]
         want = ref_ties(b, [m["ft1"][name], m["ft2"][name], m["ft3"][name]],
                         [1.0, w2, 0.7], [0.5, d2, 0.2])
-        torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6)
 
 
 def test_dare_ties_mask_is_the_normative_one(family, tmp_path, capsys):
@@ -104,7 +106,7 @@ def test_dare_ties_mask_is_the_normative_one(family, tmp_path, capsys):
         total = kept[0] + kept[1]
         sign = torch.where(total >= 0, 1.0, -1.0)
         want = b + sum(k * (torch.sign(k) == sign) for k in kept)
-        torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6)
 
 
 def test_slerp_endpoints_and_midpoint(family, tmp_path, capsys):
@@ -133,11 +135,11 @@ def test_same_result_whatever_the_input_shard_layout(family, tmp_path, capsys):
     other = tmp_path / "single"
     make_family(other, SHAPE, n_finetunes=3, dtype=torch.float32)  # same seed, one file each
     outs = []
-    for root in (family, other):
+    for k, root in enumerate((family, other)):
         doc = {"merge_method": "ties", "base_model": str(root / "base"),
                "models": [{"model": str(root / f"ft{k}"), "parameters": {"weight": 1.0, "density": 0.5}}
                           for k in (1, 2, 3)], "out_dtype": "bfloat16"}
-        work = tmp_path / root.name
+        work = tmp_path / f"work{k}"
         work.mkdir()
         outs.append(_merge(work, capsys, doc))
     a, b = load_folder(outs[0]), load_folder(outs[1])
@@ -158,7 +160,8 @@ def test_sharded_output_loads_in_transformers(family, tmp_path, capsys):
     merged = load_folder(out)
     for name, p in model.state_dict().items():
         assert torch.equal(p, merged[name]), name
-    logits = model(torch.tensor([[1, 5, 9]])).logits
+    # forward in float32: bf16 matmul kernels can hit unsupported CPU instructions on CI machines
+    logits = model.float()(torch.tensor([[1, 5, 9]])).logits
     assert logits.shape == (1, 3, SHAPE.vocab_size) and torch.isfinite(logits).all()
     code, out_text, _ = run_cli(["verify", out], capsys)
     assert code == 0 and f"{len(merged)} tensors in {len(files)} file(s)" in out_text

@@ -1,0 +1,258 @@
+"""Task arithmetic (Ilharco et al., ICLR 2023) and the task-vector form shared by TIES and DARE.
+
+Every task-vector method computes, per tensor (operators.md §2), with b the base, x_i the
+models, w_i their weights and δ_i = x_i − b::
+
+    δ̂_i = sparsify(δ_i; d_i)                        identity for task_arithmetic
+    W_i = w_i·δ̂_i
+    consensus:  S = Σ_i W_i ;  s = +1 where S ≥ 0 else −1
+                m_i = [sign(W_i) == s] ;  Δ = Σ_i m_i·W_i ;  D = Σ_i m_i·w_i ;  D[D == 0] = 1
+    otherwise:  Δ = Σ_i W_i ;  D = Σ_i w_i ;  D = 1 if |D| < 1e-8
+    normalize:  Δ = Δ / D
+    out = b + λ·Δ
+
+The pure functions below work on flat float32/float64 tensors of equal shape; sums run in model
+order. ``TaskVectorMethod`` at the bottom adapts them to the engine (pieces, sparsifiers,
+rescaling) and is subclassed by ``ties.py`` and ``dare.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from mergekit_like.errors import MergeError
+from mergekit_like.methods.base import REQUIRED, Method, MethodSpec, ParamSpec, TensorTask
+from mergekit_like.methods.tiling import (Scratch, buffer, copy_of, exact_total, pieces,
+                                          present, row_elems, row_sums)
+
+L1_EPS = 1e-7
+""""l1" rescale: r = 1 when ‖δ‖₁ or ‖δ̂‖₁ is below this."""
+
+
+def task_vector(x: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """δ = x − b, elementwise, same shape and dtype (written into ``out`` when given)."""
+    return torch.sub(x, b, out=out) if out is not None else x - b
+
+
+def weighted_sum(weighted: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """Δ = Σ_i W_i in order, accumulated in place into the first term (None terms are 0).
+    Returns None when every term is None."""
+    acc = None
+    for w_i in weighted:
+        if w_i is None:
+            continue
+        if acc is None:
+            acc = w_i
+        else:
+            acc.add_(w_i)
+    return acc
+
+
+def sign_consensus(weighted: Sequence[torch.Tensor | None], weights: Sequence[float],
+                   normalize: bool, scratch: Scratch | None = None) -> torch.Tensor | None:
+    """TIES disjoint merge with the sign elected by sum (TIES "mass"), on flat tensors.
+
+    ``weighted[i]`` is W_i = w_i·δ̂_i (None: δ̂_i = 0, never votes), ``weights[i]`` is w_i.
+    Returns Δ = Σ_i m_i·W_i, divided elementwise by D = Σ_i m_i·w_i (D == 0 → 1) when
+    ``normalize``; None when every term is None. S = 0 elects +1; an entry W_i = 0 never agrees.
+
+    Computed as Δ = s ⊙ Σ_i relu(s ⊙ W_i): multiplying by s = ±1 is exact and rounding is
+    symmetric, so this equals the masked sum bit for bit. The W_i buffers are overwritten;
+    temporaries come from ``scratch`` when given.
+    """
+    terms = [(w_i, float(c)) for w_i, c in zip(weighted, weights) if w_i is not None]
+    if not terms:
+        return None
+    first = terms[0][0]
+    if len(terms) == 1:
+        total = first                                     # S = W_1 (read before W_1 changes)
+    else:
+        total = torch.add(first, terms[1][0], out=buffer(scratch, "sc_sum", first))
+        for w_i, _ in terms[2:]:
+            total.add_(w_i)                               # S = Σ_i W_i
+    votes = torch.ge(total, 0, out=buffer(scratch, "sc_votes", first))   # s ∈ {1, 0} ...
+    votes.mul_(2).sub_(1)                                 # ... → {+1, −1}; S = 0 elects +1
+    agree = denom = acc = None
+    if normalize:
+        agree = total if total is not first else buffer(scratch, "sc_agree", first)
+        denom = buffer(scratch, "sc_denom", first)
+    for n, (w_i, c) in enumerate(terms):
+        w_i.mul_(votes).relu_()                           # |W_i| where it agrees, else 0
+        if normalize:
+            torch.gt(w_i, 0, out=agree)                   # m_i as 0/1
+            if n == 0:
+                torch.mul(agree, c, out=denom)
+            else:
+                denom.add_(agree if c == 1.0 else agree.mul_(c))
+        acc = w_i if acc is None else acc.add_(w_i)
+    if normalize:
+        torch.eq(denom, 0, out=agree)
+        denom.add_(agree)                                 # D[D == 0] = 1
+        acc.div_(denom)
+    return acc.mul_(votes)
+
+
+def combine_task_vectors(base: torch.Tensor, weighted: Sequence[torch.Tensor | None],
+                         weights: Sequence[float], *, consensus: bool, normalize: bool,
+                         lam: float, out: torch.Tensor | None = None,
+                         scratch: Scratch | None = None) -> torch.Tensor:
+    """out = b + λ·Δ (Δ/D when normalize) of operators.md §2, on flat tensors of equal shape.
+
+    ``weighted`` are the W_i = w_i·δ̂_i (None where δ̂_i = 0: no vote, but w_i still counts in
+    the plain denominator), ``weights`` the w_i of the models that have this tensor. The W_i
+    buffers are consumed; the result is written to ``out`` when given (it may be of another
+    dtype: one cast), else it may live in one of them.
+    """
+    if consensus:
+        delta = sign_consensus(weighted, weights, normalize, scratch)
+    else:
+        delta = weighted_sum(weighted)
+        if delta is not None and normalize:
+            denom = sum(float(c) for c in weights)
+            delta.div_(1.0 if abs(denom) < 1e-8 else denom)
+    if delta is None:
+        return base.clone() if out is None else out.copy_(base)
+    if lam != 1.0:
+        delta.mul_(lam)
+    if out is None:
+        return delta.add_(base)
+    return torch.add(delta, base, out=out)
+
+
+# --------------------------------------------------------------------------------------------
+# engine adapter
+
+
+class Sparsifier(Protocol):
+    """Zeroes the dropped entries of a flat δ piece in place; ``offset`` is its global flat
+    index. Must not depend on how the tensor is cut into pieces."""
+
+    def apply(self, delta: torch.Tensor, offset: int) -> None: ...
+
+
+def _flag(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+class TaskVectorMethod(Method):
+    """Engine adapter of the shared form. Subclasses set ``spec``, ``consensus`` and
+    ``make_sparsifier`` (called for 0 < d < 1 only)."""
+
+    consensus = False
+    sparsifies = True
+    """False: ``density`` is accepted but ignored (task_arithmetic)."""
+
+    def make_sparsifier(self, task: TensorTask, pos: int, density: float,
+                        scratch: Scratch) -> Sparsifier | None:
+        return None
+
+    def _default(self, name: str) -> Any:
+        p = self.spec.param(name)
+        return None if p is None or p.default is REQUIRED else p.default
+
+    def merge_tensor(self, task: TensorTask) -> torch.Tensor:
+        params = task.params
+        normalize = bool(_flag(params.get("normalize"), self._default("normalize") or False))
+        lam = float(_flag(params.get("lambda"), 1.0))
+        rescale = _flag(params.get("rescale"), self._default("rescale") or False)
+        if task.base is None:
+            raise MergeError(f"{self.spec.name}: tensor '{task.name}' has no base tensor")
+        models = present(task)
+        if not models or task.numel == 0:
+            return copy_of(task, task.base)
+        scratch = Scratch(task.compute_dtype, task.device)
+        weights, densities, sparsifiers = [], [], []
+        for pos in models:
+            mp = task.model_params[pos]
+            if mp.get("weight") is None:
+                raise MergeError(f"{self.spec.name}: no weight for input {pos} of tensor '{task.name}'")
+            weights.append(float(mp["weight"]))
+            d = float(_flag(mp.get("density"), 1.0)) if self.sparsifies else 1.0
+            densities.append(d)
+            sparsifiers.append(self.make_sparsifier(task, pos, d, scratch) if 0.0 < d < 1.0 else None)
+        xs = [task.inputs[pos] for pos in models]
+        factors: list[float | None] = [None] * len(models)   # "l1" rescale factors r_i
+        if rescale == "l1" and any(s is not None for s in sparsifiers):
+            factors = self._l1_factors(task, xs, sparsifiers, scratch)
+
+        out = task.empty_output()
+        flat_out = out.view(-1)
+        same_dtype = out.dtype == task.compute_dtype
+        for off, (b, *parts) in pieces(task, [task.base, *xs]):
+            n = b.numel()
+            weighted: list[torch.Tensor | None] = []
+            for j, x in enumerate(parts):
+                if densities[j] <= 0.0:
+                    weighted.append(None)                   # d = 0: δ̂ = 0
+                    continue
+                buf = task_vector(x, b, out=scratch.get(("w", j), n))
+                sp = sparsifiers[j]
+                if sp is not None:
+                    sp.apply(buf, off)
+                    if factors[j] is not None:
+                        if factors[j] != 1.0:
+                            buf.mul_(factors[j])
+                    elif rescale is True:
+                        buf.div_(densities[j])              # exactly 1/d (DARE paper)
+                if weights[j] != 1.0:
+                    buf.mul_(weights[j])
+                weighted.append(buf)
+            target = flat_out[off:off + n]
+            res = combine_task_vectors(b, weighted, weights, consensus=self.consensus,
+                                       normalize=normalize, lam=lam,
+                                       out=target if same_dtype else None, scratch=scratch)
+            if not same_dtype:
+                target.copy_(res)
+        return out
+
+    def _l1_factors(self, task: TensorTask, xs: list[torch.Tensor],
+                    sparsifiers: list[Sparsifier | None], scratch: Scratch) -> list[float | None]:
+        """r_i = ‖δ_i‖₁ / ‖δ̂_i‖₁ (1 if either is below 1e-7), exact sums over row sums."""
+        row = row_elems(task.shape)
+        idx = [j for j, s in enumerate(sparsifiers) if s is not None]
+        full: dict[int, list[torch.Tensor]] = {j: [] for j in idx}
+        kept: dict[int, list[torch.Tensor]] = {j: [] for j in idx}
+        for off, (b, *parts) in pieces(task, [task.base, *[xs[j] for j in idx]]):
+            for j, x in zip(idx, parts):
+                n = b.numel()
+                buf = task_vector(x, b, out=scratch.get("l1", n))
+                mag = torch.abs(buf, out=scratch.get("l1_abs", n))
+                work = scratch.get("l1_f64", n, torch.float64)
+                full[j].append(row_sums(mag, row, work))
+                sparsifiers[j].apply(buf, off)
+                kept[j].append(row_sums(buf.abs_(), row, work))
+        factors: list[float | None] = [None] * len(sparsifiers)
+        for j in idx:
+            n_full, n_kept = exact_total(full[j]), exact_total(kept[j])
+            factors[j] = 1.0 if n_full < L1_EPS or n_kept < L1_EPS else n_full / n_kept
+        return factors
+
+
+def task_vector_params(*, normalize: bool, rescale: Any, density_effective: bool,
+                       rescale_effective: bool) -> tuple[ParamSpec, ...]:
+    """Parameters every task-vector method accepts (mergekit declares all of them)."""
+    return (
+        ParamSpec("weight", "float", REQUIRED, per_model=True),
+        ParamSpec("density", "density", 1.0, per_model=True, effective=density_effective),
+        ParamSpec("normalize", "bool", normalize),
+        ParamSpec("lambda", "float", 1.0),
+        ParamSpec("rescale", "rescale", rescale, effective=rescale_effective),
+        ParamSpec("int8_mask", "bool", False, effective=False),
+    )
+
+
+class TaskArithmetic(TaskVectorMethod):
+    """out = b + λ·Σ_i w_i·(x_i − b) (÷ Σ_i w_i when normalize)."""
+
+    spec = MethodSpec(
+        name="task_arithmetic",
+        params=task_vector_params(normalize=False, rescale=False, density_effective=False,
+                                  rescale_effective=False),
+        needs_base=True,
+    )
+    sparsifies = False
+
+
+METHODS = [TaskArithmetic()]

@@ -1,0 +1,244 @@
+"""TIES-merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint merge.
+
+Trim (operators.md §3): keep the k = max(1, int(d·numel)) entries of largest |δ|; with v_k the
+k-th largest |δ|, keep every |δ| > v_k and, among |δ| = v_k, those with the lowest flat
+(row-major) indices. Elect and merge: the sign consensus of ``task_arithmetic.sign_consensus``.
+
+The k-th largest is found exactly without sorting the tensor: a random sample of |δ| brackets
+v_k, one pass counts the entries above the bracket and collects those strictly inside it, and
+``kthvalue`` on that small set gives v_k; a missed bracket is widened and the pass repeated.
+The trim itself is then one ``hardshrink`` per piece.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+import torch
+
+from mergekit_like.errors import MergeError
+from mergekit_like.methods.base import MethodSpec, ParamSpec, TensorTask
+from mergekit_like.methods.task_arithmetic import (TaskVectorMethod, task_vector,
+                                                   task_vector_params)
+from mergekit_like.methods.tiling import Scratch, buffer, cast, pieces
+
+SAMPLE_MIN, SAMPLE_MAX = 1 << 15, 1 << 18
+MARGINS = (6.0, 30.0)
+"""Bracket half-widths in standard deviations of the sample quantile; then the whole range."""
+
+
+def trim_count(density: float, numel: int) -> int:
+    """k = int(d·numel) (Python float product, truncated), at least 1; for 0 < d < 1."""
+    return max(1, int(density * numel))
+
+
+class KthLargest(NamedTuple):
+    """v = k-th largest value; ``above`` = #entries > v; ``equal`` = #entries == v."""
+    value: float
+    above: int
+    equal: int
+    passes: int
+
+
+def _next(v: float, toward: float, dtype: torch.dtype) -> float:
+    """The representable neighbour of v (a value of ``dtype``) in the direction of ``toward``."""
+    if math.isinf(v):
+        return v if v == toward else (-torch.finfo(dtype).max if v < 0 else torch.finfo(dtype).max)
+    t = torch.tensor(v, dtype=dtype)
+    return float(torch.nextafter(t, torch.tensor(toward, dtype=dtype)))
+
+
+def _count(mask: torch.Tensor) -> int:
+    """Number of ones of a 0/1 float mask (exact: float sums of 0/1 are exact below 2^24)."""
+    if mask.numel() < (1 << 24):
+        return int(mask.sum().item())
+    return int(torch.count_nonzero(mask).item())
+
+
+def kth_largest(abs_pieces: Callable[[], Iterable[torch.Tensor]], numel: int, k: int,
+                sample: torch.Tensor, margins: tuple[float, ...] = MARGINS,
+                scratch: Scratch | None = None) -> KthLargest:
+    """Exact k-th largest of a non-negative tensor seen as pieces, 1 ≤ k ≤ numel.
+
+    ``abs_pieces()`` yields the tensor's values as flat float pieces (any cut, any order; each
+    piece may be a reused buffer); it is called once per pass. ``sample`` is a random sample of
+    the values (or all of them) used to bracket the answer; it only affects speed and memory.
+
+    One pass over a bracket lo ≤ hi counts #(> hi) and collects the values in [lo, hi]. An end
+    that looks like an atom (repeated in the sample, e.g. the exact zeros of unchanged weights)
+    or that is a known strict bound is left open instead and its entries are counted, not
+    collected: #(≥ hi), #(≥ lo). Ranked from the top, k then falls in [> hi], [= hi], the
+    collected set (its order statistic, by ``kthvalue``), [= lo], or outside the bracket: a
+    miss, which bounds the next, wider bracket. The last bracket is everything left.
+    Per-piece temporaries come from ``scratch`` when given.
+    """
+    if not 1 <= k <= numel:
+        raise ValueError(f"k={k} outside [1, {numel}]")
+    dtype = sample.dtype
+    srt = torch.sort(sample.reshape(-1)).values
+    s = srt.numel()
+    q = (numel - k) / numel                      # fraction of entries below v_k
+    known_lo, known_hi = -math.inf, math.inf     # v_k > known_lo and v_k < known_hi
+    for attempt in range(len(margins) + 1):
+        lo, hi = known_lo, known_hi
+        if attempt < len(margins) and s > 0:
+            half = margins[attempt] * math.sqrt(s * q * (1.0 - q)) + 2.0
+            i_lo, i_hi = math.floor(q * s - half), math.ceil(q * s + half)
+            lo = max(lo, float(srt[i_lo]) if i_lo >= 0 else -math.inf)
+            hi = min(hi, float(srt[i_hi]) if i_hi < s else math.inf)
+            if lo > hi:
+                lo, hi = known_lo, known_hi
+
+        def atom(v: float) -> bool:
+            return int((srt == v).sum()) >= 2
+
+        hi_open = hi < math.inf and (hi == known_hi or lo == hi or atom(hi))
+        lo_open = -math.inf < lo < hi and (lo == known_lo or atom(lo))
+        c_lo = _next(lo, math.inf, dtype) if lo_open else lo
+        c_hi = _next(hi, -math.inf, dtype) if hi_open else hi
+        collect = lo < hi and c_lo <= c_hi
+        gt_hi = ge_hi = ge_lo = 0
+        inside: list[torch.Tensor] = []
+        for a in abs_pieces():
+            tmp = buffer(scratch, "kth_tmp", a)
+            if hi < math.inf:
+                gt_hi += _count(torch.gt(a, hi, out=tmp))
+                if hi_open:
+                    ge_hi += _count(torch.ge(a, hi, out=tmp))
+            if lo_open:
+                ge_lo += _count(torch.ge(a, lo, out=tmp))
+            if collect:
+                torch.clamp(a, c_lo, c_hi, out=tmp)
+                torch.eq(tmp, a, out=tmp)           # c_lo ≤ a ≤ c_hi
+                if _count(tmp):
+                    inside.append(a[buffer(scratch, "kth_mask", a, torch.bool).copy_(tmp)])
+        passes = attempt + 1
+        above = gt_hi
+        if k <= above:                           # miss: v_k > hi
+            known_lo = hi
+            continue
+        if hi_open:
+            if k <= ge_hi:
+                return KthLargest(hi, gt_hi, ge_hi - gt_hi, passes)
+            above = ge_hi
+        coll = torch.cat(inside) if inside else srt[:0]
+        m = coll.numel()
+        if k <= above + m:
+            r = k - above                        # r-th largest of the collected set
+            v = coll.kthvalue(m - r + 1).values
+            return KthLargest(float(v), above + int((coll > v).sum()), int((coll == v).sum()),
+                              passes)
+        above += m
+        if lo_open and k <= ge_lo:
+            return KthLargest(lo, above, ge_lo - above, passes)
+        known_hi = lo                            # miss: v_k < lo
+    raise AssertionError("kth_largest: the full bracket cannot miss")  # pragma: no cover
+
+
+def tie_cutoff(abs_pieces: Iterable[tuple[int, torch.Tensor]], value: float, need: int) -> int:
+    """Flat index of the ``need``-th entry (1-based, in row-major order) equal to ``value``.
+
+    ``abs_pieces`` yields (flat offset, values) in increasing offset order; stops early."""
+    seen = 0
+    for off, a in abs_pieces:
+        eq = torch.eq(a, value)
+        c = int(eq.sum())
+        if seen + c >= need:
+            return off + int(eq.nonzero()[need - seen - 1, 0])
+        seen += c
+    raise ValueError(f"fewer than {need} entries equal {value}")
+
+
+def magnitude_trim_(delta: torch.Tensor, offset: int, value: float,
+                    cutoff: int | None = None, below: float | None = None) -> torch.Tensor:
+    """Trim a flat δ piece in place: keep |δ| > value, and |δ| == value only at flat indices
+    ≤ ``cutoff`` (all of them when cutoff is None); zero the rest. ``offset`` is the flat
+    index of delta[0]. value is a value of delta's dtype (the k-th largest |δ|); ``below``, its
+    next smaller value, may be passed to save recomputing it."""
+    if value <= 0.0:
+        return delta                              # everything non-zero is kept
+    if below is None:
+        below = _next(value, 0.0, delta.dtype)    # |δ| > below ⇔ |δ| ≥ value
+    n = delta.numel()
+    if cutoff is None or cutoff >= offset + n - 1:
+        return torch.hardshrink(delta, below, out=delta)
+    if cutoff < offset:
+        return torch.hardshrink(delta, value, out=delta)
+    c = cutoff - offset + 1
+    torch.hardshrink(delta[:c], below, out=delta[:c])
+    torch.hardshrink(delta[c:], value, out=delta[c:])
+    return delta
+
+
+# --------------------------------------------------------------------------------------------
+# engine adapter
+
+
+class MagnitudeTrim:
+    """The exact top-k trim of one model's δ for one tensor (found by two passes at most)."""
+
+    def __init__(self, task: TensorTask, pos: int, density: float, scratch: Scratch):
+        self.k = trim_count(density, task.numel)
+        x, base = task.inputs[pos], task.base
+
+        def abs_pieces() -> Iterator[torch.Tensor]:
+            for _, (b, xp) in pieces(task, [base, x]):
+                yield task_vector(xp, b, out=scratch.get("ties_abs", b.numel())).abs_()
+
+        def abs_with_offsets() -> Iterator[tuple[int, torch.Tensor]]:
+            for off, (b, xp) in pieces(task, [base, x]):
+                yield off, task_vector(xp, b, out=scratch.get("ties_abs", b.numel())).abs_()
+
+        sample = sample_abs_delta(task, x, base)
+        self.kth = kth_largest(abs_pieces, task.numel, self.k, sample, scratch=scratch)
+        need = self.k - self.kth.above            # ties at v_k to keep, lowest flat index first
+        self.cutoff = None
+        if 0 < need < self.kth.equal and self.kth.value > 0:
+            self.cutoff = tie_cutoff(abs_with_offsets(), self.kth.value, need)
+        self.below = _next(self.kth.value, 0.0, task.compute_dtype)
+
+    def apply(self, delta: torch.Tensor, offset: int) -> None:
+        magnitude_trim_(delta, offset, self.kth.value, self.cutoff, self.below)
+
+
+def sample_abs_delta(task: TensorTask, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """|δ| at min(numel, ~numel/32 clipped to [2^15, 2^18]) random flat indices (fixed seed);
+    every entry when the tensor is small."""
+    n = task.numel
+    size = min(SAMPLE_MAX, max(SAMPLE_MIN, n // 32))
+    xf, bf = x.reshape(-1), base.reshape(-1)
+    if n > size:
+        g = torch.Generator().manual_seed(0)
+        idx = torch.randint(n, (size,), generator=g).to(x.device)
+        xf, bf = xf[idx], bf[idx]
+    return (cast(task, xf) - cast(task, bf)).abs_()
+
+
+class Ties(TaskVectorMethod):
+    """TIES: magnitude trim, sign election by sum, disjoint (weighted) mean."""
+
+    spec = MethodSpec(
+        name="ties",
+        params=task_vector_params(normalize=True, rescale=False, density_effective=True,
+                                  rescale_effective=True)
+        + (ParamSpec("trim_scope", "choice", "tensor", choices=("tensor", "model")),),
+        needs_base=True,
+    )
+    consensus = True
+
+    def check_tensor_params(self, name, model_params, params):
+        if params.get("trim_scope", "tensor") == "model":
+            return "trim_scope: model is not supported yet"
+        return None
+
+    def merge_tensor(self, task: TensorTask) -> torch.Tensor:
+        if task.params.get("trim_scope", "tensor") == "model":
+            raise MergeError("trim_scope: model is not supported yet")
+        return super().merge_tensor(task)
+
+    def make_sparsifier(self, task, pos, density, scratch):
+        return MagnitudeTrim(task, pos, density, scratch)
+
+
+METHODS = [Ties()]

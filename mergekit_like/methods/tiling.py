@@ -1,0 +1,127 @@
+"""Block and piece iteration shared by the operator files (no merge method here).
+
+The engine hands each operator whole tensors in their stored dtype. Operators walk them with
+``pieces``: the engine's row blocks (``TensorTask.blocks``), each converted once to the compute
+dtype, cut into row-aligned *pieces* of about ``PIECE`` elements so that the handful of
+elementwise passes an operator makes over one piece stay in cache. Pieces come as flat (1-D)
+tensors together with the global row-major index of their first element.
+
+Pieces are read-only: when an input already has the compute dtype (and no load rounding applies)
+a piece is a view of the engine's tensor, never a copy. Operators write into their own buffers.
+
+Reductions that feed a result (SLERP norms, DARE/TIES "l1" norms) are summed per row in float64
+and then exactly with ``math.fsum`` over the row sums, so they do not depend on how the tensor
+was cut into blocks: blocked and unblocked runs give bit-identical results.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import torch
+
+from mergekit_like.methods.base import TensorTask
+
+PIECE = 1 << 18
+"""Target elements per piece (1 MiB of float32): a few passes over it stay in L2 cache."""
+
+
+def row_elems(shape: Sequence[int]) -> int:
+    """Elements per row (dim 0 slice); 1 for 0-d and 1-D tensors (each element is a row)."""
+    if len(shape) < 2:
+        return 1
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    return max(1, n)
+
+
+def cast(task: TensorTask, t: torch.Tensor) -> torch.Tensor:
+    """Any slice of an input, rounded as ``TensorTask.load`` rounds it (recipe dtype, then the
+    compute dtype). May return ``t`` itself when no conversion applies: treat as read-only."""
+    if task.load_dtype is not None and t.dtype != task.load_dtype:
+        t = t.to(task.load_dtype)
+    return t.to(task.compute_dtype)
+
+
+def load_flat(task: TensorTask, t: torch.Tensor, block) -> torch.Tensor:
+    """Rows ``block`` of ``t`` in the compute dtype, flattened; a view when no cast is needed."""
+    needs_rounding = task.load_dtype is not None and t.dtype != task.load_dtype
+    if t.dtype == task.compute_dtype and not needs_rounding:
+        part = t if len(task.shape) == 0 else t[block.rows]
+        return part.reshape(-1)
+    return task.load(t, block).reshape(-1)
+
+
+def pieces(task: TensorTask, tensors: Sequence[torch.Tensor],
+           piece: int | None = None) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """Yield ``(flat_offset, [flat piece of each tensor])`` over the whole tensor in row-major
+    order. Pieces hold whole rows (at least one), about ``piece`` (default ``PIECE``)
+    elements; read-only."""
+    piece = PIECE if piece is None else piece
+    row = row_elems(task.shape)
+    step = max(1, piece // row) * row
+    for block in task.blocks():
+        if block.numel == 0:
+            continue
+        flat = [load_flat(task, t, block) for t in tensors]
+        for s in range(0, block.numel, step):
+            yield block.flat_offset + s, [f[s:s + step] for f in flat]
+
+
+def row_sums(values: torch.Tensor, row: int, work: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row float64 sums of a flat piece of whole rows ``row`` elements long (a new tensor;
+    ``work``: optional float64 buffer of the piece's length for the conversion)."""
+    if row == 1:
+        return values.to(torch.float64, copy=True)
+    v = values.to(torch.float64) if work is None else work.copy_(values)
+    return v.view(-1, row).sum(dim=1)
+
+
+def exact_total(parts: list[torch.Tensor]) -> float:
+    """Correctly rounded sum of all float64 row sums (order-independent)."""
+    if not parts:
+        return 0.0
+    return math.fsum(torch.cat(parts).tolist())
+
+
+class Scratch:
+    """Reusable flat work buffers of one merge call: ``get(slot, n)`` is a length-n view.
+
+    Operators take every per-piece temporary from here: a fresh allocation per piece costs
+    page faults that can exceed the arithmetic (several ms per MiB on some VMs)."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+        self._bufs: dict[object, torch.Tensor] = {}
+
+    def get(self, slot: object, n: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.dtype
+        buf = self._bufs.get(slot)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = torch.empty(n, dtype=dtype, device=self.device)
+            self._bufs[slot] = buf
+        return buf[:n]
+
+
+def buffer(scratch: Scratch | None, slot: object, like: torch.Tensor,
+           dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A flat work buffer shaped like flat ``like``: from ``scratch`` when given, else new."""
+    if scratch is None:
+        return torch.empty(like.numel(), dtype=dtype or like.dtype, device=like.device)
+    return scratch.get(slot, like.numel(), dtype or like.dtype)
+
+
+def present(task: TensorTask) -> list[int]:
+    """Positions in ``task.inputs`` of the models that have this tensor."""
+    return [i for i, x in enumerate(task.inputs) if x is not None]
+
+
+def copy_of(task: TensorTask, t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded through the compute dtype into a fresh output tensor (block by block)."""
+    out = task.empty_output()
+    flat = out.view(-1)
+    for off, (p,) in pieces(task, [t]):
+        flat[off:off + p.numel()].copy_(p)
+    return out
