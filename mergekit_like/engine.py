@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -35,6 +36,8 @@ from mergekit_like.plan import MergePlan, SourceOpener, TensorJob, build_plan
 from mergekit_like.recipe import Recipe
 from mergekit_like.verify import verify_output
 
+T = TypeVar("T")
+R = TypeVar("R")
 MASK_SCHEME = "splitmix64-v1"
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
@@ -94,7 +97,7 @@ def _execute(plan: MergePlan, out: Path, options: MergeOptions, progress: Progre
         if on_start:
             on_start(sum(s.data_size for s in shards if s.filename not in done))
         pending: dict[str, torch.Tensor] = {}
-        for job, inputs in _read_ahead(jobs, lambda j: read_job(plan, j, options)):
+        for job, inputs in read_ahead(jobs, lambda j: read_job(plan, j, options)):
             for name, tensor in merge_job(plan, job, inputs, options).items():
                 pending[name] = tensor
             for spec in job.outputs:
@@ -135,9 +138,8 @@ def _jobs_in_write_order(plan: MergePlan, names: Iterable[str]) -> Iterator[Tens
             yield job
 
 
-def _read_ahead(jobs: Iterator[TensorJob],
-                read: Callable[[TensorJob], JobInputs]) -> Iterator[tuple[TensorJob, JobInputs]]:
-    """Yield (job, inputs) while the next job's inputs are read in a background thread."""
+def read_ahead(jobs: Iterator[T], read: Callable[[T], R]) -> Iterator[tuple[T, R]]:
+    """Yield (job, read(job)) while the next job's read runs in a background thread."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergekit-like-read") as pool:
         nxt = next(jobs, None)
         future = pool.submit(read, nxt) if nxt is not None else None

@@ -213,6 +213,8 @@ def test_p8_dare_ties_density_one_is_ties(normalize):
 
 
 def test_density_extremes():
+    assert bool(D.keep_mask(3, 0, 100, 1.0).all()) and not bool(D.keep_mask(3, 0, 100, 0.0).any())
+    assert bool(D.keep_mask(3, 0, 100, 1.0, dtype=F32).eq(1).all())
     delta = _rand((10, 10), 8)
     zero = torch.zeros_like(delta)
     assert torch.equal(run("dare_linear", zero, [delta], [{"weight": 1.0, "density": 1.0}]), delta)

@@ -78,7 +78,7 @@ def test_ties_golden_trim_and_vote():
         d = t32(x) - b
         k = trim_count(mp["density"], 6)
         assert k == k_exp
-        kth = kth_largest(lambda d=d: [d.abs()], 6, k, d.abs())
+        kth = kth_largest(lambda d=d: [(0, d.abs())], 6, k, d.abs())
         trimmed.append(magnitude_trim_(d.clone(), 0, kth.value))
     assert torch.equal(trimmed[0], t32([0.5, 0, 0, 1, -2, 0]))
     assert torch.equal(trimmed[1], t32([-1, 0, 0, -0.75, -1, 0]))
@@ -336,3 +336,83 @@ def test_scalar_and_empty_tensors(shape):
         out = merge("ties", b, [x1, x2], [{"weight": 1.0, "density": 0.5},
                                           {"weight": 0.5, "density": 0.5}])
         assert float(out) == 1.5
+
+
+def _naive_task_vectors(b, xs, ws, ds, *, trim, consensus, normalize, lam, rescale=False, name="",
+                        seed=0):
+    """Spec §2–§4 written out on whole tensors (sort-based trim, masks), as a reference."""
+    from mergekit_like.methods.dare import keep_mask, mask_key
+    weighted = []
+    for i, (x, w, d) in enumerate(zip(xs, ws, ds)):
+        delta = (x - b).reshape(-1)
+        if d <= 0:
+            delta = torch.zeros_like(delta)
+        elif d < 1:
+            if trim == "magnitude":
+                k = max(1, int(d * delta.numel()))
+                keep = torch.zeros(delta.numel(), dtype=torch.bool)
+                keep[torch.sort(-delta.abs(), stable=True).indices[:k]] = True
+            else:
+                keep = keep_mask(mask_key(seed, i + 1, name), 0, delta.numel(), d)
+            delta = torch.where(keep, delta, torch.zeros_like(delta))
+            if rescale:
+                delta = delta / d
+        weighted.append(delta * w)
+    W = torch.stack(weighted)
+    wt = torch.tensor(ws, dtype=F32)[:, None]
+    if consensus:
+        s = torch.where(W.sum(0) >= 0, 1.0, -1.0)
+        m = torch.sign(W) == s
+        delta = (W * m).sum(0)
+        D = (m * wt).sum(0)
+        D[D == 0] = 1
+    else:
+        delta = W.sum(0)
+        D = torch.full_like(delta, float(sum(ws)))
+    if normalize:
+        delta = delta / D
+    return (b.reshape(-1) + lam * delta).view_as(b)
+
+
+@pytest.mark.parametrize("method, trim, consensus", [
+    ("ties", "magnitude", True), ("dare_ties", "random", True), ("dare_linear", "random", False)])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_against_naive_reference(method, trim, consensus, normalize):
+    b = _rand((64, 48), 20, 1.0)
+    xs = [b + _rand((64, 48), 21 + i) for i in range(3)]
+    xs[1] = b + torch.round(_rand((64, 48), 30) * 300) / 512          # ties in |δ|
+    ws, ds = [1.0, 0.5, -0.3], [0.35, 0.6, 0.9]
+    rescale = method != "ties"
+    out = merge(method, b, xs, [{"weight": w, "density": d} for w, d in zip(ws, ds)],
+                {"normalize": normalize, "lambda": 0.9, "rescale": rescale}, block_elems=500)
+    ref = _naive_task_vectors(b, xs, ws, ds, trim=trim, consensus=consensus, normalize=normalize,
+                              lam=0.9, rescale=rescale, name="model.layers.0.mlp.up_proj.weight")
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    # the support of the merged delta agrees exactly
+    assert torch.equal(out == b, ref == b)
+
+
+@pytest.mark.parametrize("method, params, mps, n_inputs", list(_blocked_cases()))
+def test_float64_compute_and_bf16_storage(method, params, mps, n_inputs):
+    """compute_dtype float64 runs every operator; bf16-stored inputs load through task.load."""
+    base = _rand((19, 8), 40, 1.0)
+    xs = [base + _rand((19, 8), 41 + i) for i in range(n_inputs)]
+    b_arg = None if method == "linear" else base
+    ref = merge(method, b_arg, xs, mps, params)
+    m = get_method(method)
+    task = make_task(None if b_arg is None else b_arg.double(), [x.double() for x in xs],
+                     [dict(mp) for mp in mps], {**{p.name: p.default for p in m.spec.params
+                                                  if not p.per_model and p.default is not REQUIRED},
+                                               **params})
+    task.compute_dtype = torch.float64
+    out = m.merge(task)[task.name]
+    assert out.dtype == F32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # bf16 storage, recipe dtype bfloat16: same as rounding the inputs first
+    task = make_task(None if b_arg is None else b_arg.bfloat16(), [x.bfloat16() for x in xs],
+                     [dict(mp) for mp in mps], task.params)
+    task.load_dtype = torch.bfloat16
+    got = m.merge(task)[task.name]
+    want = merge(method, None if b_arg is None else b_arg.bfloat16().float(),
+                 [x.bfloat16().float() for x in xs], mps, params)
+    assert torch.equal(got, want)

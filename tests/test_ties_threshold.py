@@ -26,16 +26,21 @@ def fast_keep(a: torch.Tensor, k: int, sample: torch.Tensor | None = None, piece
 
     def chunks():
         for s in range(0, n, piece):
-            yield a[s:s + piece].clone()        # a reused buffer would do too
+            yield s, a[s:s + piece].clone()     # a reused buffer would do too
 
     kth = T.kth_largest(chunks, n, k, a if sample is None else sample)
     need = k - kth.above
     assert 1 <= need <= kth.equal
     keep = a > kth.value
     ties = a == kth.value
+    assert int(ties.sum()) == kth.equal
     if need < kth.equal:
-        cutoff = T.tie_cutoff(((s, a[s:s + piece]) for s in range(0, n, piece)), kth.value, need)
+        cutoff = T.tie_cutoff(chunks(), kth.value, need)
+        if kth.cutoff is not None:                      # found in the collected set already
+            assert kth.cutoff == cutoff
         ties &= torch.arange(n) <= cutoff
+    else:
+        assert kth.cutoff is None
     return keep | ties, kth
 
 
@@ -88,7 +93,7 @@ def test_extreme_k():
         keep, _ = fast_keep(a, k)
         assert torch.equal(keep, reference_keep(a, k)), k
     with pytest.raises(ValueError):
-        T.kth_largest(lambda: [a], a.numel(), 0, a)
+        T.kth_largest(lambda: [(0, a)], a.numel(), 0, a)
 
 
 def test_trim_count():
@@ -103,7 +108,7 @@ def test_magnitude_trim_matches_mask_and_cutoff():
     a = d.abs()
     k = 77
     keep = reference_keep(a, k)
-    kth = T.kth_largest(lambda: [a], 200, k, a)
+    kth = T.kth_largest(lambda: [(0, a)], 200, k, a)
     cutoff = T.tie_cutoff([(0, a)], kth.value, k - kth.above)
     for piece in (200, 13, 1):                              # piecewise application, global offsets
         out = d.clone()

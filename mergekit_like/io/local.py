@@ -1,5 +1,5 @@
 """Reading a local model folder (safetensors_io.md §2–3): layout detection, header validation,
-tensor reads through a tiny LRU of ``safe_open`` handles.
+tensor reads by positional reads of the validated header offsets (pickle through ``torch.load``).
 
 Layouts, in the order transformers prefers them:
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from collections import OrderedDict
 from pathlib import Path, PurePosixPath
@@ -95,6 +96,7 @@ class LocalSource(CheckpointSource):
         self._lock = threading.RLock()
         self._handles: OrderedDict[str, Any] = OrderedDict()  # file -> open safe_open / state dict
         self._identity: dict[str, dict[str, Any]] = {}
+        self._data_start: dict[str, int] = {}  # safetensors file -> byte offset of its data
         self._side_files: list[str] | None = None
         if not self.folder.is_dir():
             raise MergeError(f"{ref}: model folder does not exist ({self.folder})")
@@ -162,6 +164,7 @@ class LocalSource(CheckpointSource):
         for rel in self.files:
             h = parse_header(self.folder / rel, model=self.ref, name=rel)
             self._identity[rel] = {"size": h.file_size, "header_sha256": h.header_sha256}
+            self._data_start[rel] = h.data_start
             if self.layout == "sharded":
                 self._match_index(rel, set(h.tensors))
             for tname, e in sorted(h.tensors.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
@@ -295,6 +298,9 @@ class LocalSource(CheckpointSource):
 
     def read_tensor(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
         info = self._info(name)
+        if info.file in self._data_start:
+            t = self._pread(info, 0, info.nbytes).view(info.torch_dtype).reshape(info.shape)
+            return t if torch.device(device).type == "cpu" else t.to(device)
         with self._lock:
             h = self._handle(info.file)
             try:
@@ -307,10 +313,40 @@ class LocalSource(CheckpointSource):
             # while the handle is surely open.
             return _own(t, device)
 
+    def _pread(self, info: TensorInfo, skip: int, nbytes: int) -> torch.Tensor:
+        """``nbytes`` of a tensor's data from byte ``skip`` on, into a fresh buffer.
+
+        Header offsets were validated when the source opened. A positional read rather than
+        safe_open's memory map: mapped pages stay resident (and counted in RSS) while a handle
+        is open, which over a 5 GB shard defeats the memory bound; pread copies once from the
+        page cache and leaves nothing mapped.
+        """
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        offset = self._data_start[info.file] + info.data_offsets[0] + skip
+        fd = os.open(self.folder / info.file, os.O_RDONLY)
+        try:
+            done = 0
+            while done < nbytes:
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise MergeError(f"{self.ref}: {info.file} ended while reading tensor "
+                                     f"'{info.name}' (file truncated?)")
+                done += n
+        finally:
+            os.close(fd)
+        return buf
+
     def read_rows(self, name: str, start: int, stop: int,
                   device: torch.device | str = "cpu") -> torch.Tensor:
         """Rows ``[start, stop)`` of a tensor (first dimension) without reading the rest."""
         info = self._info(name)
+        if info.file in self._data_start and info.shape:
+            row = info.nbytes // info.shape[0] if info.shape[0] else 0
+            start, stop = max(0, start), min(info.shape[0], max(start, stop))
+            t = self._pread(info, start * row, (stop - start) * row)
+            t = t.view(info.torch_dtype).reshape((stop - start, *info.shape[1:]))
+            return t if torch.device(device).type == "cpu" else t.to(device)
         with self._lock:
             h = self._handle(info.file)
             if isinstance(h, dict):

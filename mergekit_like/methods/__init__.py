@@ -11,6 +11,8 @@ from mergekit_like.methods.base import Method
 # Methods mergekit or our specs name that are not implemented yet: recognised, refused clearly.
 PLANNED = ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "rcp", "rcp_approx",
            "twin", "wemoe")
+# Display order of method lists (recipe.md); methods not named here follow alphabetically.
+DISPLAY_ORDER = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear") + PLANNED
 
 _REGISTRY: dict[str, Method] = {}
 
@@ -30,11 +32,15 @@ def get_method(name: str) -> Method | None:
     return _discover().get(name)
 
 
+def _display_key(name: str) -> tuple[int, str]:
+    return (DISPLAY_ORDER.index(name) if name in DISPLAY_ORDER else len(DISPLAY_ORDER), name)
+
+
 def method_names() -> list[str]:
-    """Implemented methods, in registry order."""
-    return list(_discover())
+    """Implemented methods, in display order."""
+    return sorted(_discover(), key=_display_key)
 
 
 def known_names() -> list[str]:
     """Implemented plus recognised-but-planned names (for 'did you mean' and the known list)."""
-    return method_names() + [n for n in PLANNED if n not in _discover()]
+    return sorted({*_discover(), *PLANNED}, key=_display_key)

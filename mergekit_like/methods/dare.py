@@ -107,7 +107,10 @@ def keep_mask(key: int, start: int, n: int, density: float, *, dtype: torch.dtyp
     ``out``: the result buffer; ``work``: two int64 buffers of ≥ min(n, MASK_CHUNK) entries."""
     if out is None:
         out = torch.empty(n, dtype=dtype, device=device)
-    limit = _i64((keep_threshold(density) << (64 - U_BITS)) ^ (1 << 63))
+    threshold = keep_threshold(density)
+    if threshold <= 0 or threshold >= (1 << U_BITS):          # d ≤ 0: none; d ≥ 1: all
+        return out.fill_(threshold > 0)
+    limit = _i64((threshold << (64 - U_BITS)) ^ (1 << 63))
     if work is None:
         z = torch.empty(min(n, MASK_CHUNK), dtype=torch.int64, device=out.device)
         work = (z, torch.empty_like(z))

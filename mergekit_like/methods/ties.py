@@ -4,10 +4,12 @@ Trim (operators.md §3): keep the k = max(1, int(d·numel)) entries of largest |
 k-th largest |δ|, keep every |δ| > v_k and, among |δ| = v_k, those with the lowest flat
 (row-major) indices. Elect and merge: the sign consensus of ``task_arithmetic.sign_consensus``.
 
-The k-th largest is found exactly without sorting the tensor: a random sample of |δ| brackets
-v_k, one pass counts the entries above the bracket and collects those strictly inside it, and
-``kthvalue`` on that small set gives v_k; a missed bracket is widened and the pass repeated.
-The trim itself is then one ``hardshrink`` per piece.
+The k-th largest is found exactly without sorting the tensor (operators.md §3, option b): a
+random sample of |δ| brackets v_k, one pass counts the entries above the bracket and collects
+those inside it, and ``kthvalue`` on that small set gives v_k; a missed bracket is widened and
+the pass repeated. When the k-th largest value is tied and only some of its copies fit, a
+second pass counts the ties in row-major order up to the cutoff index. The trim itself is then
+one ``hardshrink`` per piece: |δ| > prev(v_k) keeps |δ| ≥ v_k, |δ| > v_k drops the ties.
 """
 
 from __future__ import annotations
@@ -34,11 +36,14 @@ def trim_count(density: float, numel: int) -> int:
 
 
 class KthLargest(NamedTuple):
-    """v = k-th largest value; ``above`` = #entries > v; ``equal`` = #entries == v."""
+    """v = k-th largest value; ``above`` = #entries > v; ``equal`` = #entries == v; ``cutoff``
+    = flat index of the last copy of v that top-k keeps (lowest indices first) when only some
+    fit and they were seen in the collected set, else None; ``passes`` = read passes made."""
     value: float
     above: int
     equal: int
     passes: int
+    cutoff: int | None = None
 
 
 def _next(v: float, toward: float, dtype: torch.dtype) -> float:
@@ -56,13 +61,13 @@ def _count(mask: torch.Tensor) -> int:
     return int(torch.count_nonzero(mask).item())
 
 
-def kth_largest(abs_pieces: Callable[[], Iterable[torch.Tensor]], numel: int, k: int,
+def kth_largest(abs_pieces: Callable[[], Iterable[tuple[int, torch.Tensor]]], numel: int, k: int,
                 sample: torch.Tensor, margins: tuple[float, ...] = MARGINS,
                 scratch: Scratch | None = None) -> KthLargest:
     """Exact k-th largest of a non-negative tensor seen as pieces, 1 ≤ k ≤ numel.
 
-    ``abs_pieces()`` yields the tensor's values as flat float pieces (any cut, any order; each
-    piece may be a reused buffer); it is called once per pass. ``sample`` is a random sample of
+    ``abs_pieces()`` yields (flat offset, flat float piece) covering the tensor (any cut, any
+    order; a piece may be a reused buffer); it is called once per pass. ``sample`` is a random sample of
     the values (or all of them) used to bracket the answer; it only affects speed and memory.
 
     One pass over a bracket lo ≤ hi counts #(> hi) and collects the values in [lo, hi]. An end
@@ -100,7 +105,8 @@ def kth_largest(abs_pieces: Callable[[], Iterable[torch.Tensor]], numel: int, k:
         collect = lo < hi and c_lo <= c_hi
         gt_hi = ge_hi = ge_lo = 0
         inside: list[torch.Tensor] = []
-        for a in abs_pieces():
+        where: list[torch.Tensor] = []
+        for off, a in abs_pieces():
             tmp = buffer(scratch, "kth_tmp", a)
             if hi < math.inf:
                 gt_hi += _count(torch.gt(a, hi, out=tmp))
@@ -112,7 +118,9 @@ def kth_largest(abs_pieces: Callable[[], Iterable[torch.Tensor]], numel: int, k:
                 torch.clamp(a, c_lo, c_hi, out=tmp)
                 torch.eq(tmp, a, out=tmp)           # c_lo ≤ a ≤ c_hi
                 if _count(tmp):
-                    inside.append(a[buffer(scratch, "kth_mask", a, torch.bool).copy_(tmp)])
+                    idx = buffer(scratch, "kth_mask", a, torch.bool).copy_(tmp).nonzero().view(-1)
+                    inside.append(a[idx])
+                    where.append(idx.add_(off))
         passes = attempt + 1
         above = gt_hi
         if k <= above:                           # miss: v_k > hi
@@ -127,8 +135,12 @@ def kth_largest(abs_pieces: Callable[[], Iterable[torch.Tensor]], numel: int, k:
         if k <= above + m:
             r = k - above                        # r-th largest of the collected set
             v = coll.kthvalue(m - r + 1).values
-            return KthLargest(float(v), above + int((coll > v).sum()), int((coll == v).sum()),
-                              passes)
+            above += int((coll > v).sum())
+            ties = torch.cat(where)[coll == v]
+            cutoff = None
+            if k - above < ties.numel():             # only the lowest-index copies fit
+                cutoff = int(ties.sort().values[k - above - 1])
+            return KthLargest(float(v), above, ties.numel(), passes, cutoff)
         above += m
         if lo_open and k <= ge_lo:
             return KthLargest(lo, above, ge_lo - above, passes)
@@ -136,14 +148,15 @@ def kth_largest(abs_pieces: Callable[[], Iterable[torch.Tensor]], numel: int, k:
     raise AssertionError("kth_largest: the full bracket cannot miss")  # pragma: no cover
 
 
-def tie_cutoff(abs_pieces: Iterable[tuple[int, torch.Tensor]], value: float, need: int) -> int:
+def tie_cutoff(abs_pieces: Iterable[tuple[int, torch.Tensor]], value: float, need: int,
+               scratch: Scratch | None = None) -> int:
     """Flat index of the ``need``-th entry (1-based, in row-major order) equal to ``value``.
 
     ``abs_pieces`` yields (flat offset, values) in increasing offset order; stops early."""
     seen = 0
     for off, a in abs_pieces:
-        eq = torch.eq(a, value)
-        c = int(eq.sum())
+        eq = torch.eq(a, value, out=buffer(scratch, "tie_eq", a))
+        c = _count(eq)
         if seen + c >= need:
             return off + int(eq.nonzero()[need - seen - 1, 0])
         seen += c
@@ -176,26 +189,23 @@ def magnitude_trim_(delta: torch.Tensor, offset: int, value: float,
 
 
 class MagnitudeTrim:
-    """The exact top-k trim of one model's δ for one tensor (found by two passes at most)."""
+    """The exact top-k trim of one model's δ for one tensor: (v_k, tie cutoff) from one read
+    pass over the pieces (more only on a bracket miss, +1 for a partial tie)."""
 
     def __init__(self, task: TensorTask, pos: int, density: float, scratch: Scratch):
         self.k = trim_count(density, task.numel)
         x, base = task.inputs[pos], task.base
 
-        def abs_pieces() -> Iterator[torch.Tensor]:
-            for _, (b, xp) in pieces(task, [base, x]):
-                yield task_vector(xp, b, out=scratch.get("ties_abs", b.numel())).abs_()
-
-        def abs_with_offsets() -> Iterator[tuple[int, torch.Tensor]]:
+        def abs_pieces() -> Iterator[tuple[int, torch.Tensor]]:
             for off, (b, xp) in pieces(task, [base, x]):
                 yield off, task_vector(xp, b, out=scratch.get("ties_abs", b.numel())).abs_()
 
         sample = sample_abs_delta(task, x, base)
         self.kth = kth_largest(abs_pieces, task.numel, self.k, sample, scratch=scratch)
         need = self.k - self.kth.above            # ties at v_k to keep, lowest flat index first
-        self.cutoff = None
-        if 0 < need < self.kth.equal and self.kth.value > 0:
-            self.cutoff = tie_cutoff(abs_with_offsets(), self.kth.value, need)
+        self.cutoff = self.kth.cutoff
+        if self.cutoff is None and need < self.kth.equal and self.kth.value > 0:
+            self.cutoff = tie_cutoff(abs_pieces(), self.kth.value, need, scratch)
         self.below = _next(self.kth.value, 0.0, task.compute_dtype)
 
     def apply(self, delta: torch.Tensor, offset: int) -> None:
