@@ -25,6 +25,7 @@ from typing import TypeVar
 import torch
 
 from mergekit_like import __version__
+from mergekit_like.dtypes import all_finite
 from mergekit_like.errors import MergeError
 from mergekit_like.io.output import OutputFolder
 from mergekit_like.io.shards import INDEX_FILE, ShardPlan, index_text, plan_shards
@@ -153,11 +154,11 @@ def read_ahead(jobs: Iterator[T], read: Callable[[T], R]) -> Iterator[tuple[T, R
 # ---- read ---------------------------------------------------------------------------------
 
 def read_job(plan: MergePlan, job: TensorJob, options: MergeOptions) -> JobInputs:
-    """Read one job's inputs in their stored dtype on CPU, each checked finite."""
+    """Read one job's inputs in their stored dtype on CPU, each checked finite. Runs in the
+    reader thread, so it uses no multi-threaded torch op (those would fight the merge's
+    threads for the cores): file reads and ``all_finite``'s numpy scan only."""
     if not job.merge:
-        ref = plan.reference.read_tensor(job.name)
-        _warn_if_buffers_differ(plan, job, ref)
-        return JobInputs(ref, [])
+        return JobInputs(plan.reference.read_tensor(job.name), [])
     base = None
     if plan.base_pos is not None:
         base = _read_checked(plan, plan.base_pos, job.name, options)
@@ -167,7 +168,7 @@ def read_job(plan: MergePlan, job: TensorJob, options: MergeOptions) -> JobInput
 
 def _read_checked(plan: MergePlan, pos: int, name: str, options: MergeOptions) -> torch.Tensor:
     tensor = plan.sources[pos].read_tensor(name)
-    if not options.allow_nonfinite and not bool(torch.isfinite(tensor).all()):
+    if not options.allow_nonfinite and not all_finite(tensor):
         raise MergeError(f"{plan.inputs[pos].ref.display}: tensor '{name}' contains NaN or Inf "
                          "(pass --allow-nonfinite to merge it anyway)")
     return tensor
@@ -189,6 +190,7 @@ def merge_job(plan: MergePlan, job: TensorJob, inputs: JobInputs,
               options: MergeOptions) -> dict[str, torch.Tensor]:
     """Outputs of one job on the compute device, each in its planned dtype."""
     if not job.merge:
+        _warn_if_buffers_differ(plan, job, inputs.base)
         return {job.name: inputs.base}
     device = options.device
     task = TensorTask(

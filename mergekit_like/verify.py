@@ -24,7 +24,7 @@ import torch
 from huggingface_hub.constants import SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE
 from safetensors import safe_open
 
-from mergekit_like.dtypes import ST_TO_TORCH, is_float_code
+from mergekit_like.dtypes import all_finite, ST_TO_TORCH, is_float_code
 from mergekit_like.errors import MergeError
 from mergekit_like.io.local import read_weight_map
 from mergekit_like.io.safetensors_header import parse_header
@@ -176,7 +176,7 @@ def _check_block(t: torch.Tensor, name: str, code: str, tail: tuple[int, ...], r
     if t.dtype != ST_TO_TORCH[code] or tuple(t.shape[1:]) != tail:
         raise MergeError(f"{where}: {rel}: tensor '{name}' reads as {t.dtype} {list(t.shape)}, "
                          f"header says {code}")
-    if check_finite and t.numel() and not bool(torch.isfinite(t).all()):
+    if check_finite and not all_finite(t):
         kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
         raise MergeError(f"{where}: {rel}: tensor '{name}' has non-finite values ({kind}); "
                          f"pass --allow-nonfinite to accept them")

@@ -125,8 +125,8 @@ class TensorTask:
         """Rows of ``t`` cast to the recipe ``dtype`` (rounding as mergekit loads) and then to the
         compute dtype. Returns a new tensor, never a view of ``t``."""
         part = t if len(self.shape) == 0 else t[block.rows]
-        if self.load_dtype is not None and part.dtype != self.load_dtype:
-            part = part.to(self.load_dtype)
+        if self.load_dtype not in (None, part.dtype, self.compute_dtype):
+            part = part.to(self.load_dtype)  # rounding as mergekit loads (no-op if = compute)
         return part.to(self.compute_dtype, copy=True)
 
     def empty_output(self) -> torch.Tensor:

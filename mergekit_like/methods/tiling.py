@@ -40,34 +40,44 @@ def row_elems(shape: Sequence[int]) -> int:
 def cast(task: TensorTask, t: torch.Tensor) -> torch.Tensor:
     """Any slice of an input, rounded as ``TensorTask.load`` rounds it (recipe dtype, then the
     compute dtype). May return ``t`` itself when no conversion applies: treat as read-only."""
-    if task.load_dtype is not None and t.dtype != task.load_dtype:
+    if task.load_dtype not in (None, t.dtype, task.compute_dtype):
         t = t.to(task.load_dtype)
     return t.to(task.compute_dtype)
-
-
-def load_flat(task: TensorTask, t: torch.Tensor, block) -> torch.Tensor:
-    """Rows ``block`` of ``t`` in the compute dtype, flattened; a view when no cast is needed."""
-    needs_rounding = task.load_dtype is not None and t.dtype != task.load_dtype
-    if t.dtype == task.compute_dtype and not needs_rounding:
-        part = t if len(task.shape) == 0 else t[block.rows]
-        return part.reshape(-1)
-    return task.load(t, block).reshape(-1)
 
 
 def pieces(task: TensorTask, tensors: Sequence[torch.Tensor],
            piece: int | None = None) -> Iterator[tuple[int, list[torch.Tensor]]]:
     """Yield ``(flat_offset, [flat piece of each tensor])`` over the whole tensor in row-major
-    order. Pieces hold whole rows (at least one), about ``piece`` (default ``PIECE``)
-    elements; read-only."""
+    order, within the engine's blocks. Pieces hold whole rows (at least one), about ``piece``
+    (default ``PIECE``) elements, in the compute dtype; read-only, and valid only until the
+    next piece is yielded.
+
+    Each piece is converted from the stored dtype straight into a buffer reused for the whole
+    pass (or is a view when no conversion applies): converting a whole block into fresh memory
+    first costs more in page faults and memory traffic than the arithmetic that follows."""
     piece = PIECE if piece is None else piece
     row = row_elems(task.shape)
     step = max(1, piece // row) * row
+    flats = [t.reshape(-1) for t in tensors]
+    bufs: list[torch.Tensor | None] = [None] * len(flats)
     for block in task.blocks():
-        if block.numel == 0:
-            continue
-        flat = [load_flat(task, t, block) for t in tensors]
-        for s in range(0, block.numel, step):
-            yield block.flat_offset + s, [f[s:s + step] for f in flat]
+        end = block.flat_offset + block.numel
+        for s in range(block.flat_offset, end, step):
+            e = min(s + step, end)
+            yield s, [_converted(task, f[s:e], bufs, k) for k, f in enumerate(flats)]
+
+
+def _converted(task: TensorTask, part: torch.Tensor, bufs: list[torch.Tensor | None],
+               k: int) -> torch.Tensor:
+    """``part`` rounded as ``TensorTask.load`` rounds (recipe dtype, then the compute dtype)."""
+    if task.load_dtype not in (None, part.dtype, task.compute_dtype):
+        part = part.to(task.load_dtype)  # a real rounding step (e.g. float32 stored, dtype bf16)
+    if part.dtype == task.compute_dtype:
+        return part
+    buf = bufs[k]
+    if buf is None or buf.numel() < part.numel():
+        buf = bufs[k] = torch.empty(part.numel(), dtype=task.compute_dtype, device=part.device)
+    return buf[:part.numel()].copy_(part)
 
 
 def row_sums(values: torch.Tensor, row: int, work: torch.Tensor | None = None) -> torch.Tensor:
