@@ -51,6 +51,8 @@ class MergeOptions:
     resume: bool = True
     allow_nonfinite: bool = False
     block_elems: int = 1 << 22
+    read_ahead_bytes: int = 256 * 10**6
+    """Overlap the next tensor's read only while both tensors' inputs fit in this."""
 
 
 @dataclass
@@ -90,7 +92,8 @@ def _execute(plan: MergePlan, out: Path, options: MergeOptions, progress: Progre
                           resume_key=resume_key(plan, shards, options),
                           planned_bytes=sum(s.file_size for s in shards), plans=shards)
     done = folder.prepare()
-    writer = AsyncShardWriter(folder, shards, skip=done)
+    writer = AsyncShardWriter(folder, shards, skip=done,
+                              max_queue_bytes=options.read_ahead_bytes)
     try:
         # ---- read → merge → write, in the order the shards are laid out ------------------
         jobs = _jobs_in_write_order(plan, iter_write_order(shards, done))
@@ -98,15 +101,17 @@ def _execute(plan: MergePlan, out: Path, options: MergeOptions, progress: Progre
         if on_start:
             on_start(sum(s.data_size for s in shards if s.filename not in done))
         pending: dict[str, torch.Tensor] = {}
-        for job, inputs in read_ahead(jobs, lambda j: read_job(plan, j, options)):
-            for name, tensor in merge_job(plan, job, inputs, options).items():
-                pending[name] = tensor
+        reads = read_ahead(jobs, lambda j: read_job(plan, j, options),
+                           size=lambda j: j.read_bytes(plan), budget=options.read_ahead_bytes)
+        for job, inputs in reads:
+            pending.update(merge_job(plan, job, inputs, options))
+            del inputs  # before the next read starts: at most two jobs' inputs in memory
             for spec in job.outputs:
-                tensor = pending.pop(spec.name, None)
-                if tensor is not None and spec.name not in skipped:
-                    writer.submit(spec.name, tensor.cpu())
+                if spec.name in pending and spec.name not in skipped:
+                    writer.submit(spec.name, pending.pop(spec.name).cpu())
                     if progress:
-                        progress(spec.name, tensor.numel() * tensor.element_size())
+                        progress(spec.name, _numel(spec.shape) * spec.dtype.itemsize)
+                pending.pop(spec.name, None)
         writer.close()
         # ---- side files, check, rename into place ------------------------------------------
         _write_side_files(plan, folder, shards)
@@ -117,6 +122,13 @@ def _execute(plan: MergePlan, out: Path, options: MergeOptions, progress: Progre
         folder.abort(keep_partial=_resumable(exc))
         raise
     return MergeResult(out, shards, done, plan.warnings + list(folder.warnings))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _resumable(exc: BaseException) -> bool:
@@ -139,16 +151,29 @@ def _jobs_in_write_order(plan: MergePlan, names: Iterable[str]) -> Iterator[Tens
             yield job
 
 
-def read_ahead(jobs: Iterator[T], read: Callable[[T], R]) -> Iterator[tuple[T, R]]:
-    """Yield (job, read(job)) while the next job's read runs in a background thread."""
+def read_ahead(jobs: Iterator[T], read: Callable[[T], R], size: Callable[[T], int] | None = None,
+               budget: int | None = None) -> Iterator[tuple[T, R]]:
+    """Yield (job, read(job)) while the next job's read runs in a background thread.
+
+    At most two jobs' inputs exist at once (the one yielded and the one being read; the
+    consumer drops its reference before asking for the next). When the two together exceed
+    ``budget`` bytes (``size(job)``), the next read waits until the consumer is done with the
+    current job: huge tensors (embeddings) are not overlapped, which keeps peak memory at about
+    one such tensor's inputs."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergekit-like-read") as pool:
-        nxt = next(jobs, None)
-        future = pool.submit(read, nxt) if nxt is not None else None
-        while nxt is not None:
-            current, current_future = nxt, future
+        current = next(jobs, None)
+        future = pool.submit(read, current) if current is not None else None
+        while current is not None:
+            result = future.result()
             nxt = next(jobs, None)
-            future = pool.submit(read, nxt) if nxt is not None else None
-            yield current, current_future.result()
+            overlap = nxt is not None and not (
+                size and budget and size(current) + size(nxt) > budget)
+            future = pool.submit(read, nxt) if overlap else None
+            yield current, result
+            del result
+            if nxt is not None and future is None:
+                future = pool.submit(read, nxt)
+            current = nxt
 
 
 # ---- read ---------------------------------------------------------------------------------
@@ -230,9 +255,11 @@ def _write_side_files(plan: MergePlan, folder: OutputFolder, shards: list[ShardP
     models = [inp.ref.display for inp in plan.inputs]
     hub_models = [inp.ref.path for inp in sorted(plan.inputs, key=lambda i: not i.is_base)
                   if not inp.ref.is_local]  # the card's base_model lists Hub ids only
+    extra = {"seed": recipe.seed, "random mask scheme": MASK_SCHEME} \
+        if recipe.merge_method.startswith("dare") else None
     folder.write_side_file("README.md", model_card(
         method=recipe.merge_method, base_models=hub_models, models=models,
-        recipe_text=recipe.text))
+        recipe_text=recipe.text, extra=extra))
     folder.write_side_file("mergekit_config.yml", recipe.text)
 
 

@@ -176,6 +176,9 @@ def _plan(recipe: Recipe, inputs: list[InputModel], sources: list[CheckpointSour
           open_source: SourceOpener) -> MergePlan:
     method: Method = recipe.method
     spec = method.spec
+    if recipe.vocab_policy != "error":
+        raise MergeError(f"{recipe.where('vocab_policy')}: vocab_policy '{recipe.vocab_policy}' "
+                         "is not supported yet; give every model the same vocabulary size")
     headers = [s.tensors() for s in sources]
     base_pos = next((i for i, inp in enumerate(inputs) if inp.is_base), None)
     reference_pos = base_pos if base_pos is not None else 0

@@ -80,7 +80,7 @@ def recipe(method: str, fam: Path) -> dict:
 def child_floor(fam: Path, out: Path) -> None:
     """Read every tensor of every input (project reader), write the base's tensors as one output
     (project writer): the floor any merge pays."""
-    from mergekit_like.engine import read_ahead
+    from mergekit_like.engine import MergeOptions, read_ahead
     from mergekit_like.io.local import LocalSource
     from mergekit_like.io.output import OutputFolder
     from mergekit_like.io.shards import plan_shards
@@ -93,11 +93,15 @@ def child_floor(fam: Path, out: Path) -> None:
     folder = OutputFolder(out, overwrite=True, resume=False, resume_key="floor",
                           planned_bytes=sum(s.file_size for s in shards))
     folder.prepare()
-    writer = AsyncShardWriter(folder, shards)
+    writer = AsyncShardWriter(folder, shards, max_queue_bytes=MergeOptions().read_ahead_bytes)
     # the same read-ahead thread as the engine: the next tensor is read while this one is written
     names = iter(iter_write_order(shards))
-    for name, tensors in read_ahead(names, lambda n: [s.read_tensor(n) for s in sources]):
+    budget = MergeOptions().read_ahead_bytes  # the engine's read-ahead rule, for a fair floor
+    reads = read_ahead(names, lambda n: [s.read_tensor(n) for s in sources],
+                       size=lambda n: 4 * infos[n].nbytes, budget=budget)
+    for name, tensors in reads:
         writer.submit(name, tensors[0])
+        del tensors
     writer.close()
     folder.finalize()
 
@@ -128,22 +132,31 @@ def warm_cache(fam: Path) -> None:
                 pass
 
 
-def bench_family(layers: int, small: bool) -> dict[str, dict]:
+def bench_family(layers: int, small: bool, repeat: int) -> dict[str, dict]:
+    """Each run ``repeat`` times, interleaved (floor, methods, floor, methods, …), so slow
+    phases of a shared machine hit every run alike; the minimum wall time and the maximum
+    peak RSS are kept."""
     fam = family(layers, small)
     warm_cache(fam)
     out = WORK / "out"
-    results = {"floor": run_child("floor", fam, out)}
+    paths = {}
     for method in METHODS:
-        path = WORK / f"{method}.yml"
-        path.write_text(yaml.safe_dump(recipe(method, fam), sort_keys=False))
-        results[method] = run_child("merge", path, out)
-    return results
+        paths[method] = WORK / f"{method}.yml"
+        paths[method].write_text(yaml.safe_dump(recipe(method, fam), sort_keys=False))
+    runs: dict[str, list[dict]] = {"floor": [], **{m: [] for m in METHODS}}
+    for _ in range(repeat):
+        runs["floor"].append(run_child("floor", fam, out))
+        for method in METHODS:
+            runs[method].append(run_child("merge", paths[method], out))
+    return {name: {"wall_s": min(r["wall_s"] for r in rs),
+                   "peak_rss": max(r["peak_rss"] for r in rs)} for name, rs in runs.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="mergekit_like merge benchmark")
     parser.add_argument("--layers", type=int, nargs="+", default=[16])
     parser.add_argument("--small", action="store_true", help="tiny models (smoke run)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (min kept)")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "ARG", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -160,11 +173,12 @@ def main() -> None:
     WORK.mkdir(exist_ok=True)
     table: dict[int, dict[str, dict]] = {}
     for layers in args.layers:
-        table[layers] = bench_family(layers, args.small)
+        table[layers] = bench_family(layers, args.small, args.repeat)
     for layers, results in table.items():
         floor = results["floor"]["wall_s"]
         params = shape_for(layers, args.small).num_params()
-        print(f"\n{layers} layers, {params / 1e6:.0f} M params per model, base + 3 fine-tunes, bf16")
+        print(f"\n{layers} layers, {params / 1e6:.0f} M params per model, base + 3 fine-tunes, bf16"
+              f" (best of {args.repeat})")
         print(f"{'run':<16}{'wall s':>9}{'× floor':>9}{'peak RSS':>11}")
         for name, r in results.items():
             print(f"{name:<16}{r['wall_s']:>9.2f}{r['wall_s'] / floor:>9.2f}"

@@ -174,3 +174,31 @@ def test_pickle_refused_unless_allowed(tmp_path, capsys):
                        load_file(folders[0] / "model.safetensors")["model.norm.weight"]
                        + (torch.load(ft / "pytorch_model.bin")["model.norm.weight"]
                           - load_file(folders[0] / "model.safetensors")["model.norm.weight"]))
+
+
+def test_vocab_policy_base_is_refused_up_front(fam, tmp_path, capsys):
+    expect_error(tmp_path, capsys, ta_recipe(fam, vocab_policy="base"), "recipe.yml:",
+                 "vocab_policy", "not supported yet")
+
+
+def test_tied_base_with_untied_model_needs_on_extra_tensor(tmp_path, capsys):
+    tied = LlamaShape(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      tie_word_embeddings=True)
+    base = make_family(tmp_path / "tied", tied, n_finetunes=0)[0]
+    ft = make_family(tmp_path / "untied", SHAPE, n_finetunes=1)[1]
+    doc = {"merge_method": "task_arithmetic", "base_model": str(base),
+           "models": [{"model": str(ft), "parameters": {"weight": 1.0}}]}
+    expect_error(tmp_path, capsys, doc, "lm_head.weight", "on_extra_tensor")
+    doc["on_extra_tensor"] = "ignore"
+    code, _, err = run_cli(["merge", tmp_path / "recipe.yml", tmp_path / "out", "-q"], capsys)
+    write_recipe(tmp_path / "recipe.yml", doc)
+    code, _, err = run_cli(["merge", tmp_path / "recipe.yml", tmp_path / "out", "-q"], capsys)
+    assert code == 0, err
+    assert "lm_head.weight" not in load_folder(tmp_path / "out")
+
+
+def test_usage_errors_exit_2_without_traceback(tmp_path, capsys):
+    code, _, err = run_cli(["merge", tmp_path / "recipe.yml"], capsys)
+    assert code == 2 and "Missing argument" in err and "Traceback" not in err
+    code, _, err = run_cli(["merge", "r.yml", tmp_path / "o", "--device", "tpu"], capsys)
+    assert code == 2 and "error:" in err

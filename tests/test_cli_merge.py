@@ -107,6 +107,7 @@ def test_dare_ties_mask_is_the_normative_one(family, tmp_path, capsys):
         sign = torch.where(total >= 0, 1.0, -1.0)
         want = b + sum(k * (torch.sign(k) == sign) for k in kept)
         torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6)
+    assert "splitmix64-v1" in (out / "README.md").read_text()
 
 
 def test_slerp_endpoints_and_midpoint(family, tmp_path, capsys):
