@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable, Iterator, NamedTuple
 
+import numpy as np
 import torch
 
 from mergekit_like.errors import MergeError
@@ -26,6 +27,7 @@ from mergekit_like.methods.task_arithmetic import (TaskVectorMethod, task_vector
 from mergekit_like.methods.tiling import Scratch, buffer, cast, pieces
 
 SAMPLE_MIN, SAMPLE_MAX = 1 << 14, 1 << 17
+SAMPLE_RUN = 64
 MARGINS = (4.0, 30.0)
 """Bracket half-widths in standard deviations of the sample quantile; then the whole range."""
 
@@ -59,6 +61,14 @@ def _count(mask: torch.Tensor) -> int:
     if mask.numel() < (1 << 24):
         return int(mask.sum().item())
     return int(torch.count_nonzero(mask).item())
+
+
+def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """int64 indices of the true entries of a flat bool mask. On CPU numpy's scan is ~4× faster
+    than ``torch.nonzero`` (the hot spot of collecting a bracket)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return mask.nonzero().view(-1)
 
 
 def kth_largest(abs_pieces: Callable[[], Iterable[tuple[int, torch.Tensor]]], numel: int, k: int,
@@ -118,7 +128,7 @@ def kth_largest(abs_pieces: Callable[[], Iterable[tuple[int, torch.Tensor]]], nu
                 torch.clamp(a, c_lo, c_hi, out=tmp)
                 torch.eq(tmp, a, out=tmp)           # c_lo ≤ a ≤ c_hi
                 if _count(tmp):
-                    idx = buffer(scratch, "kth_mask", a, torch.bool).copy_(tmp).nonzero().view(-1)
+                    idx = flat_nonzero(buffer(scratch, "kth_mask", a, torch.bool).copy_(tmp))
                     inside.append(a[idx])
                     where.append(idx.add_(off))
         passes = attempt + 1
@@ -158,7 +168,8 @@ def tie_cutoff(abs_pieces: Iterable[tuple[int, torch.Tensor]], value: float, nee
         eq = torch.eq(a, value, out=buffer(scratch, "tie_eq", a))
         c = _count(eq)
         if seen + c >= need:
-            return off + int(eq.nonzero()[need - seen - 1, 0])
+            mask = buffer(scratch, "tie_mask", a, torch.bool).copy_(eq)
+            return off + int(flat_nonzero(mask)[need - seen - 1])
         seen += c
     raise ValueError(f"fewer than {need} entries equal {value}")
 
@@ -213,14 +224,18 @@ class MagnitudeTrim:
 
 
 def sample_abs_delta(task: TensorTask, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """|δ| at min(numel, ~numel/32 clipped to [2^14, 2^16]) random flat indices (fixed seed);
-    every entry when the tensor is small."""
+    """|δ| at min(numel, ~numel/32 clipped to [2^14, 2^17]) flat indices: runs of
+    ``SAMPLE_RUN`` consecutive entries at random starts (fixed seed), which reads whole cache
+    lines instead of one value per line; every entry when the tensor is small. The sample
+    only steers the bracket: any sample gives the exact answer."""
     n = task.numel
     size = min(SAMPLE_MAX, max(SAMPLE_MIN, n // 32))
     xf, bf = x.reshape(-1), base.reshape(-1)
     if n > size:
         g = torch.Generator().manual_seed(0)
-        idx = torch.randint(n, (size,), generator=g).to(x.device)
+        runs = size // SAMPLE_RUN
+        starts = torch.randint(n - SAMPLE_RUN + 1, (runs, 1), generator=g)
+        idx = (starts + torch.arange(SAMPLE_RUN)).view(-1).to(x.device)
         xf, bf = xf[idx], bf[idx]
     return (cast(task, xf) - cast(task, bf)).abs_()
 
