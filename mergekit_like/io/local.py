@@ -25,7 +25,6 @@ from huggingface_hub.constants import (
     SAFETENSORS_INDEX_FILE,
     SAFETENSORS_SINGLE_FILE,
 )
-from safetensors import safe_open
 
 from mergekit_like.dtypes import TORCH_TO_ST
 from mergekit_like.errors import MergeError
@@ -94,7 +93,7 @@ class LocalSource(CheckpointSource):
         self.ref = ref
         self.allow_pickle = allow_pickle
         self._lock = threading.RLock()
-        self._handles: OrderedDict[str, Any] = OrderedDict()  # file -> open safe_open / state dict
+        self._handles: OrderedDict[str, Any] = OrderedDict()  # pickle file -> state dict
         self._identity: dict[str, dict[str, Any]] = {}
         self._data_start: dict[str, int] = {}  # safetensors file -> byte offset of its data
         self._side_files: list[str] | None = None
@@ -262,33 +261,16 @@ class LocalSource(CheckpointSource):
             raise MergeError(f"{self.ref}: has no file '{name}'")
         return self.folder / rel
 
-    def _handle(self, rel: str) -> Any:
-        """An open safe_open handle (or a loaded pickle state dict), LRU of MAX_OPEN_HANDLES."""
+    def _handle(self, rel: str) -> dict[str, torch.Tensor]:
+        """A loaded (memory-mapped) pickle state dict, LRU of MAX_OPEN_HANDLES."""
         h = self._handles.get(rel)
         if h is not None:
             self._handles.move_to_end(rel)
             return h
         while len(self._handles) >= MAX_OPEN_HANDLES:
-            _, old = self._handles.popitem(last=False)
-            self._close_handle(old)
-        if self.layout in ("single", "sharded"):
-            try:
-                cm = safe_open(str(self.folder / rel), framework="pt", device="cpu")
-                h = cm.__enter__()
-            except Exception as e:  # noqa: BLE001
-                raise MergeError(f"{self.ref}: cannot open {rel} ({e})") from None
-        else:
-            h = self._load_pickle(rel)
-        self._handles[rel] = h
+            self._handles.popitem(last=False)
+        h = self._handles[rel] = self._load_pickle(rel)
         return h
-
-    @staticmethod
-    def _close_handle(h: Any) -> None:
-        if hasattr(h, "__exit__"):
-            try:
-                h.__exit__(None, None, None)
-            except Exception:  # noqa: BLE001 - closing must not fail a merge
-                pass
 
     def _info(self, name: str) -> TensorInfo:
         info = self._tensors.get(name)
@@ -301,17 +283,9 @@ class LocalSource(CheckpointSource):
         if info.file in self._data_start:
             t = self._pread(info, 0, info.nbytes).view(info.torch_dtype).reshape(info.shape)
             return t if torch.device(device).type == "cpu" else t.to(device)
-        with self._lock:
-            h = self._handle(info.file)
-            try:
-                t = h.get_tensor(name) if not isinstance(h, dict) else h[name]
-            except Exception as e:  # noqa: BLE001
-                raise MergeError(f"{self.ref}: cannot read tensor '{name}' from {info.file} "
-                                 f"({e})") from None
-            _check_read(self.ref, info, t)
-            # A fresh, contiguous tensor that owns its memory (never a view of the file), made
-            # while the handle is surely open.
-            return _own(t, device)
+        with self._lock:  # pickle: the memory-mapped state dict
+            t = _check_read(self.ref, info, self._handle(info.file)[name])
+            return _own(t, device)  # a fresh tensor, never a view of the file
 
     def _pread(self, info: TensorInfo, skip: int, nbytes: int) -> torch.Tensor:
         """``nbytes`` of a tensor's data from byte ``skip`` on, into a fresh buffer.
@@ -348,12 +322,7 @@ class LocalSource(CheckpointSource):
             t = t.view(info.torch_dtype).reshape((stop - start, *info.shape[1:]))
             return t if torch.device(device).type == "cpu" else t.to(device)
         with self._lock:
-            h = self._handle(info.file)
-            if isinstance(h, dict):
-                t = h[name][start:stop]
-            else:
-                t = h.get_slice(name)[start:stop]
-            return _own(t, device)
+            return _own(self._handle(info.file)[name][start:stop], device)
 
     def identity(self) -> dict[str, Any]:
         files: dict[str, dict[str, Any]] = {}
@@ -372,9 +341,7 @@ class LocalSource(CheckpointSource):
 
     def close(self) -> None:
         with self._lock:
-            while self._handles:
-                _, h = self._handles.popitem(last=False)
-                self._close_handle(h)
+            self._handles.clear()
 
     def __repr__(self) -> str:
         return f"LocalSource({self.ref!r}, {self.layout}, {len(self.files)} file(s))"
