@@ -40,12 +40,26 @@ def trim_count(density: float, numel: int) -> int:
 class KthLargest(NamedTuple):
     """v = k-th largest value; ``above`` = #entries > v; ``equal`` = #entries == v; ``cutoff``
     = flat index of the last copy of v that top-k keeps (lowest indices first) when only some
-    fit and they were seen in the collected set, else None; ``passes`` = read passes made."""
+    fit and they were seen in the collected set, else None; ``passes`` = read passes made;
+    ``tie_piece`` = (offset, length, r) when only some copies of v fit and v was counted, not
+    collected: the last kept copy is the r-th copy of v in that piece (no extra pass needed)."""
     value: float
     above: int
     equal: int
     passes: int
     cutoff: int | None = None
+    tie_piece: tuple[int, int, int] | None = None
+
+
+def _tie_piece(counts: list[tuple[int, int, int]], need: int) -> tuple[int, int, int]:
+    """The piece holding the ``need``-th copy (row-major) of a value counted per piece as
+    (offset, length, copies in the piece), and that copy's rank within the piece."""
+    seen = 0
+    for off, n, c in counts:
+        if seen + c >= need:
+            return off, n, need - seen
+        seen += c
+    raise ValueError(f"fewer than {need} copies counted")  # pragma: no cover
 
 
 def _next(v: float, toward: float, dtype: torch.dtype) -> float:
@@ -116,21 +130,30 @@ def kth_largest(abs_pieces: Callable[[], Iterable[tuple[int, torch.Tensor]]], nu
         gt_hi = ge_hi = ge_lo = 0
         inside: list[torch.Tensor] = []
         where: list[torch.Tensor] = []
+        eq_hi: list[tuple[int, int, int]] = []   # per piece: copies of hi, of lo (open ends)
+        eq_lo: list[tuple[int, int, int]] = []
         for off, a in abs_pieces():
             tmp = buffer(scratch, "kth_tmp", a)
+            gt_p = ge_p = coll_p = 0
             if hi < math.inf:
-                gt_hi += _count(torch.gt(a, hi, out=tmp))
+                gt_p = _count(torch.gt(a, hi, out=tmp))
                 if hi_open:
-                    ge_hi += _count(torch.ge(a, hi, out=tmp))
-            if lo_open:
-                ge_lo += _count(torch.ge(a, lo, out=tmp))
+                    ge_p = _count(torch.ge(a, hi, out=tmp))
+                    eq_hi.append((off, a.numel(), ge_p - gt_p))
             if collect:
                 torch.clamp(a, c_lo, c_hi, out=tmp)
                 torch.eq(tmp, a, out=tmp)           # c_lo ≤ a ≤ c_hi
-                if _count(tmp):
+                coll_p = _count(tmp)
+                if coll_p:
                     idx = flat_nonzero(buffer(scratch, "kth_mask", a, torch.bool).copy_(tmp))
                     inside.append(a[idx])
                     where.append(idx.add_(off))
+            if lo_open:
+                ge_lo_p = _count(torch.ge(a, lo, out=tmp))
+                ge_lo += ge_lo_p
+                eq_lo.append((off, a.numel(), ge_lo_p - coll_p - (ge_p if hi_open else gt_p)))
+            gt_hi += gt_p
+            ge_hi += ge_p
         passes = attempt + 1
         above = gt_hi
         if k <= above:                           # miss: v_k > hi
@@ -138,7 +161,9 @@ def kth_largest(abs_pieces: Callable[[], Iterable[tuple[int, torch.Tensor]]], nu
             continue
         if hi_open:
             if k <= ge_hi:
-                return KthLargest(hi, gt_hi, ge_hi - gt_hi, passes)
+                equal = ge_hi - gt_hi
+                part = _tie_piece(eq_hi, k - gt_hi) if k - gt_hi < equal else None
+                return KthLargest(hi, gt_hi, equal, passes, None, part)
             above = ge_hi
         coll = torch.cat(inside) if inside else srt[:0]
         m = coll.numel()
@@ -153,7 +178,9 @@ def kth_largest(abs_pieces: Callable[[], Iterable[tuple[int, torch.Tensor]]], nu
             return KthLargest(float(v), above, ties.numel(), passes, cutoff)
         above += m
         if lo_open and k <= ge_lo:
-            return KthLargest(lo, above, ge_lo - above, passes)
+            equal = ge_lo - above
+            part = _tie_piece(eq_lo, k - above) if k - above < equal else None
+            return KthLargest(lo, above, equal, passes, None, part)
         known_hi = lo                            # miss: v_k < lo
     raise AssertionError("kth_largest: the full bracket cannot miss")  # pragma: no cover
 
@@ -216,7 +243,13 @@ class MagnitudeTrim:
         need = self.k - self.kth.above            # ties at v_k to keep, lowest flat index first
         self.cutoff = self.kth.cutoff
         if self.cutoff is None and need < self.kth.equal and self.kth.value > 0:
-            self.cutoff = tie_cutoff(abs_pieces(), self.kth.value, need, scratch)
+            if self.kth.tie_piece is not None:    # recompute |δ| of the one piece that holds it
+                off, n, r = self.kth.tie_piece
+                a = (cast(task, x.reshape(-1)[off:off + n])
+                     - cast(task, base.reshape(-1)[off:off + n])).abs_()
+                self.cutoff = off + int(flat_nonzero(a == self.kth.value)[r - 1])
+            else:
+                self.cutoff = tie_cutoff(abs_pieces(), self.kth.value, need, scratch)
         self.below = _next(self.kth.value, 0.0, task.compute_dtype)
 
     def apply(self, delta: torch.Tensor, offset: int) -> None:
