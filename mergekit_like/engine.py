@@ -78,9 +78,13 @@ def run_merge(recipe: Recipe, out: Path, options: MergeOptions, open_source: Sou
     """Merge ``recipe`` into ``out``. ``on_start(bytes)`` is called once the work is known,
     ``progress(name, bytes)`` after each output tensor is handed to the writer."""
     plan = build_plan(recipe, open_source)
+    threads = torch.get_num_threads()
+    if plan.method.io_bound and options.device.type == "cpu" and threads > 1:
+        torch.set_num_threads(threads - 1)  # a core for the reader thread (Method.io_bound)
     try:
         return _execute(plan, Path(out), options, progress, on_start)
     finally:
+        torch.set_num_threads(threads)
         plan.close()
 
 

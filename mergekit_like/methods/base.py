@@ -151,6 +151,10 @@ class Method:
     """Adapter of one merge method to the engine. Subclasses set ``spec`` and ``merge_tensor``."""
 
     spec: MethodSpec
+    io_bound: bool = False
+    """A few cheap passes per element: on CPU the engine then leaves one core to the reader
+    thread instead of giving every core to the arithmetic (measured faster for linear and
+    task arithmetic on 2 cores, slower for TIES and DARE)."""
 
     def plan_outputs(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> list[OutputSpec]:
         """Output tensors produced from reference tensor ``name`` (default: the tensor itself)."""

@@ -40,6 +40,7 @@ def linear_combination(xs: Sequence[torch.Tensor], weights: Sequence[float], *,
 
 
 class Linear(Method):
+    io_bound = True
     spec = MethodSpec(
         name="linear",
         params=(ParamSpec("weight", "float", REQUIRED, per_model=True),

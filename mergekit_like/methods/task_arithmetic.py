@@ -253,6 +253,7 @@ class TaskArithmetic(TaskVectorMethod):
         needs_base=True,
     )
     sparsifies = False
+    io_bound = True
 
 
 METHODS = [TaskArithmetic()]
