@@ -108,17 +108,10 @@ class Recipe:
         if inp.is_base and not self.spec.base_joins_inputs:
             return None
         own = inp.entry_params.get(name)
-        if own is not None:
-            v = evaluate(own, tensor, t)
-            if v is not NO_VALUE:
-                return v
         top = self.top_params.get(name)
-        if top is not None:
-            v = evaluate(top, tensor, t)
-            if v is not NO_VALUE:
-                return v
-        if p.default is not REQUIRED:
-            return p.default
+        v = _first_value((own, top), p.default, tensor, t)
+        if v is not NO_VALUE:
+            return v
         if own is not None:
             line_path = self._input_path(inp) + ("parameters", name)
         elif top is not None:
@@ -141,12 +134,9 @@ class Recipe:
         if p.per_model:
             raise ValueError(f"'{name}' is a per-model parameter; use model_param")
         top = self.top_params.get(name)
-        if top is not None:
-            v = evaluate(top, tensor, t)
-            if v is not NO_VALUE:
-                return v
-        if p.default is not REQUIRED:
-            return p.default
+        v = _first_value((top,), p.default, tensor, t)
+        if v is not NO_VALUE:
+            return v
         why = "it is not set" if top is None else \
             "no filter matched and there is no catch-all entry"
         raise MergeError(f"{self.where('parameters', name)}: '{name}' has no value for tensor "
@@ -216,3 +206,14 @@ def _jsonable(v: Any) -> Any:
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     return str(v)
+
+
+def _first_value(levels, default: Any, tensor: str, t: float) -> Any:
+    """§4 precedence: the first level (a setting, or None when unset) that yields a value for
+    ``tensor`` at ``t``, else the method default; NO_VALUE when neither applies."""
+    for setting in levels:
+        if setting is not None:
+            v = evaluate(setting, tensor, t)
+            if v is not NO_VALUE:
+                return v
+    return NO_VALUE if default is REQUIRED else default
