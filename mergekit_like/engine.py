@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -114,7 +115,7 @@ def _execute(plan: MergePlan, out: Path, options: MergeOptions, progress: Progre
                 if spec.name in pending and spec.name not in skipped:
                     writer.submit(spec.name, pending.pop(spec.name).cpu())
                     if progress:
-                        progress(spec.name, _numel(spec.shape) * spec.dtype.itemsize)
+                        progress(spec.name, math.prod(spec.shape) * spec.dtype.itemsize)
                 pending.pop(spec.name, None)
         writer.close()
         # ---- side files, check, rename into place ------------------------------------------
@@ -127,12 +128,6 @@ def _execute(plan: MergePlan, out: Path, options: MergeOptions, progress: Progre
         raise
     return MergeResult(out, shards, done, plan.warnings + list(folder.warnings))
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _resumable(exc: BaseException) -> bool:

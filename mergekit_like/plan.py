@@ -8,6 +8,7 @@ written.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -77,7 +78,7 @@ class MergePlan:
 
     @property
     def output_bytes(self) -> int:
-        return sum(_numel(o.shape) * o.dtype.itemsize for o in self.outputs)
+        return sum(math.prod(o.shape) * o.dtype.itemsize for o in self.outputs)
 
     @property
     def read_bytes(self) -> int:
@@ -89,17 +90,11 @@ class MergePlan:
         if not self.jobs:
             return 0
         reads = sorted((job.read_bytes(self) for job in self.jobs), reverse=True)
-        outs = max(_numel(o.shape) * o.dtype.itemsize for o in self.outputs)
+        outs = max(math.prod(o.shape) * o.dtype.itemsize for o in self.outputs)
         width = len(self.method_inputs) + 5
         working = min(block_elems, max(j.info.numel for j in self.jobs)) * 4 * width
         return reads[0] + (reads[1] if len(reads) > 1 else 0) + 2 * outs + working
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _num_layers(config: dict[str, Any] | None) -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,15 @@ def folder_digest(folder: Path) -> dict[str, str]:
     """sha256 of every file in a folder (bit-identity checks)."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def shard_names(folder: Path) -> list[str]:
+    return sorted(p.name for p in Path(folder).glob("model-*.safetensors"))
 
 
 def config_of(folder: Path) -> dict:

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import copy_model, shard_names
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -42,15 +43,6 @@ def models(tmp_path_factory) -> dict[str, Path]:
     single = make_family(root / "s", SHAPE, n_finetunes=0)[0]
     sharded = make_family(root / "m", SHAPE, n_finetunes=0, shard_bytes=[SHARD])[0]
     return {"single": single, "sharded": sharded}
-
-
-def copy_model(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def shard_names(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.glob("model-*.safetensors"))
 
 
 # ---------------------------------------------------------------- layouts

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import copy_model, shard_names
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -29,15 +29,6 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
     return {"single": single, "sharded": sharded}
 
 
-def copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def shards(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.glob("model-*.safetensors"))
-
-
 def index_of(folder: Path) -> dict:
     return json.loads((folder / "model.safetensors.index.json").read_text())
 
@@ -54,23 +45,23 @@ def test_good_single_folder_passes(outputs):
 def test_good_sharded_folder_passes(outputs):
     folder = outputs["sharded"]
     rep = verify_output(folder)
-    assert rep.sharded and rep.file_names == shards(folder) and rep.files == len(shards(folder))
+    assert rep.sharded and rep.file_names == shard_names(folder) and rep.files == len(shard_names(folder))
     assert rep.files >= 3
     assert rep.tensors == N_TENSORS
     assert rep.total_bytes == index_of(folder)["metadata"]["total_size"]
 
 
 def test_missing_shard(outputs, tmp_path):
-    folder = copy(outputs["sharded"], tmp_path / "o")
-    victim = shards(folder)[2]
+    folder = copy_model(outputs["sharded"], tmp_path / "o")
+    victim = shard_names(folder)[2]
     (folder / victim).unlink()
     with pytest.raises(MergeError, match=rf"{victim} is missing"):
         verify_output(folder)
 
 
 def test_extra_tensor_in_shard(outputs, tmp_path):
-    folder = copy(outputs["sharded"], tmp_path / "o")
-    victim = folder / shards(folder)[1]
+    folder = copy_model(outputs["sharded"], tmp_path / "o")
+    victim = folder / shard_names(folder)[1]
     tensors = load_file(str(victim))
     tensors["extra.weight"] = torch.zeros(3)
     save_file(tensors, str(victim), metadata={"format": "pt"})
@@ -79,27 +70,27 @@ def test_extra_tensor_in_shard(outputs, tmp_path):
 
 
 def test_index_lists_tensor_the_shard_lacks(outputs, tmp_path):
-    folder = copy(outputs["sharded"], tmp_path / "o")
+    folder = copy_model(outputs["sharded"], tmp_path / "o")
     index = index_of(folder)
-    index["weight_map"]["ghost"] = shards(folder)[0]
+    index["weight_map"]["ghost"] = shard_names(folder)[0]
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(MergeError, match=rf"puts 'ghost' in {shards(folder)[0]}"):
+    with pytest.raises(MergeError, match=rf"puts 'ghost' in {shard_names(folder)[0]}"):
         verify_output(folder)
 
 
 def test_unreferenced_safetensors_file(outputs, tmp_path):
-    folder = copy(outputs["sharded"], tmp_path / "o")
+    folder = copy_model(outputs["sharded"], tmp_path / "o")
     save_file({"x": torch.zeros(1)}, str(folder / "stray.safetensors"))
     with pytest.raises(MergeError, match="stray.safetensors is not referenced"):
         verify_output(folder)
-    single = copy(outputs["single"], tmp_path / "s")
+    single = copy_model(outputs["single"], tmp_path / "s")
     save_file({"x": torch.zeros(1)}, str(single / "model-00001-of-00002.safetensors"))
     with pytest.raises(MergeError, match="model-00001-of-00002.safetensors is not part"):
         verify_output(single)
 
 
 def test_wrong_total_size(outputs, tmp_path):
-    folder = copy(outputs["sharded"], tmp_path / "o")
+    folder = copy_model(outputs["sharded"], tmp_path / "o")
     index = index_of(folder)
     real = index["metadata"]["total_size"]
     index["metadata"]["total_size"] = real + 4
@@ -151,7 +142,7 @@ def test_nonfinite_found_in_row_blocks(tmp_path, monkeypatch):
 
 
 def test_leftover_state_dir(outputs, tmp_path):
-    folder = copy(outputs["single"], tmp_path / "o")
+    folder = copy_model(outputs["single"], tmp_path / "o")
     (folder / ".mergekit_like_state" / "done").mkdir(parents=True)
     with pytest.raises(MergeError, match=r"incomplete output \(\.mergekit_like_state/"):
         verify_output(folder)
@@ -159,7 +150,7 @@ def test_leftover_state_dir(outputs, tmp_path):
 
 
 def test_config_missing_or_invalid(outputs, tmp_path):
-    folder = copy(outputs["single"], tmp_path / "o")
+    folder = copy_model(outputs["single"], tmp_path / "o")
     (folder / "config.json").write_text("{oops")
     with pytest.raises(MergeError, match="config.json is not valid JSON"):
         verify_output(folder)
@@ -169,8 +160,8 @@ def test_config_missing_or_invalid(outputs, tmp_path):
 
 
 def test_truncated_and_missing_weights(outputs, tmp_path):
-    folder = copy(outputs["sharded"], tmp_path / "o")
-    victim = folder / shards(folder)[-1]
+    folder = copy_model(outputs["sharded"], tmp_path / "o")
+    victim = folder / shard_names(folder)[-1]
     os.truncate(victim, victim.stat().st_size - 4)
     with pytest.raises(MergeError, match=rf"{victim.name} is truncated"):
         verify_output(folder)
