@@ -19,7 +19,7 @@ import json
 import math
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -54,6 +54,9 @@ class MergeOptions:
     block_elems: int = 1 << 22
     read_ahead_bytes: int = 256 * 10**6
     """Overlap the next tensor's read only while both tensors' inputs fit in this."""
+    workers: int = 1
+    """Threads a ``Method.span_parallel`` operator splits each tensor over (run_merge sets it
+    from the CPU's threads)."""
 
 
 @dataclass
@@ -80,10 +83,15 @@ def run_merge(recipe: Recipe, out: Path, options: MergeOptions, open_source: Sou
     ``progress(name, bytes)`` after each output tensor is handed to the writer."""
     plan = build_plan(recipe, open_source)
     threads = torch.get_num_threads()
-    if plan.method.io_bound and options.device.type == "cpu" and threads > 1:
-        torch.set_num_threads(threads - 1)  # a core for the reader thread (Method.io_bound)
+    compute, workers = threads, 1
+    if options.device.type == "cpu":
+        if plan.method.io_bound and threads > 1:
+            compute = threads - 1            # a core for the reader thread (Method.io_bound)
+        if plan.method.span_parallel and compute > 1:
+            compute, workers = 1, compute    # the operator's own threads, one span each
+    torch.set_num_threads(compute)
     try:
-        return _execute(plan, Path(out), options, progress, on_start)
+        return _execute(plan, Path(out), replace(options, workers=workers), progress, on_start)
     finally:
         torch.set_num_threads(threads)
         plan.close()
@@ -231,6 +239,7 @@ def merge_job(plan: MergePlan, job: TensorJob, inputs: JobInputs,
         seed=plan.recipe.seed,
         block_elems=options.block_elems,
         device=device,
+        workers=options.workers,
     )
     outputs = plan.method.merge(task)
     for spec in job.outputs:

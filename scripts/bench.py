@@ -132,7 +132,7 @@ def warm_cache(fam: Path) -> None:
                 pass
 
 
-def bench_family(layers: int, small: bool, repeat: int) -> dict[str, dict]:
+def bench_family(layers: int, small: bool, repeat: int, methods: list[str]) -> dict[str, dict]:
     """Each run ``repeat`` times, interleaved (floor, methods, floor, methods, …), so slow
     phases of a shared machine hit every run alike; the minimum wall time and the maximum
     peak RSS are kept."""
@@ -140,13 +140,13 @@ def bench_family(layers: int, small: bool, repeat: int) -> dict[str, dict]:
     warm_cache(fam)
     out = WORK / "out"
     paths = {}
-    for method in METHODS:
+    for method in methods:
         paths[method] = WORK / f"{method}.yml"
         paths[method].write_text(yaml.safe_dump(recipe(method, fam), sort_keys=False))
-    runs: dict[str, list[dict]] = {"floor": [], **{m: [] for m in METHODS}}
+    runs: dict[str, list[dict]] = {"floor": [], **{m: [] for m in methods}}
     for _ in range(repeat):
         runs["floor"].append(run_child("floor", fam, out))
-        for method in METHODS:
+        for method in methods:
             runs[method].append(run_child("merge", paths[method], out))
     return {name: {"wall_s": min(r["wall_s"] for r in rs),
                    "peak_rss": max(r["peak_rss"] for r in rs)} for name, rs in runs.items()}
@@ -157,6 +157,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[16])
     parser.add_argument("--small", action="store_true", help="tiny models (smoke run)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (min kept)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS,
+                        help="methods to run (default: all)")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "ARG", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -173,7 +175,7 @@ def main() -> None:
     WORK.mkdir(exist_ok=True)
     table: dict[int, dict[str, dict]] = {}
     for layers in args.layers:
-        table[layers] = bench_family(layers, args.small, args.repeat)
+        table[layers] = bench_family(layers, args.small, args.repeat, args.methods)
     for layers, results in table.items():
         floor = results["floor"]["wall_s"]
         params = shape_for(layers, args.small).num_params()
@@ -186,7 +188,7 @@ def main() -> None:
     if len(table) > 1:
         lo, hi = min(table), max(table)
         print(f"\npeak RSS, {hi} layers / {lo} layers:")
-        for name in ["floor", *METHODS]:
+        for name in ["floor", *args.methods]:
             ratio = table[hi][name]["peak_rss"] / table[lo][name]["peak_rss"]
             print(f"  {name:<16}{ratio:.2f}")
 

@@ -22,14 +22,14 @@ def t32(values) -> torch.Tensor:
 
 
 def make_task(base, inputs, model_params, params=None, *, name="model.layers.0.mlp.up_proj.weight",
-              indices=None, seed=0, block_elems=1 << 22, out_dtype=F32) -> TensorTask:
+              indices=None, seed=0, block_elems=1 << 22, out_dtype=F32, workers=1) -> TensorTask:
     ref = base if base is not None else next(x for x in inputs if x is not None)
     return TensorTask(
         name=name, shape=tuple(ref.shape), out_dtype=out_dtype, compute_dtype=F32, load_dtype=None,
         base=base, inputs=list(inputs),
         input_indices=list(indices) if indices is not None else list(range(1, len(inputs) + 1)),
         model_params=[dict(mp) for mp in model_params], params=dict(params or {}), seed=seed,
-        block_elems=block_elems)
+        block_elems=block_elems, workers=workers)
 
 
 def merge(method, base, inputs, model_params, params=None, **kw) -> torch.Tensor:
@@ -216,8 +216,24 @@ def test_blocked_equals_unblocked(method, params, mps, n_inputs, shape, monkeypa
     blocked = merge(method, b_arg, inputs, mps, params, block_elems=7)
     monkeypatch.setattr(tiling, "PIECE", 4)                 # pieces of one row inside blocks
     pieced = merge(method, b_arg, inputs, mps, params, block_elems=50)
+    threaded = merge(method, b_arg, inputs, mps, params, block_elems=50, workers=3)
     assert torch.equal(whole.view(torch.int32), blocked.view(torch.int32))
     assert torch.equal(whole.view(torch.int32), pieced.view(torch.int32))
+    assert torch.equal(whole.view(torch.int32), threaded.view(torch.int32))
+
+
+@pytest.mark.parametrize("shape, workers", [((23, 11), 3), ((301,), 4), ((2, 3, 5), 3), ((5,), 9),
+                                            ((), 2), ((0, 4), 2)])
+def test_spans_cover_rows_in_order(shape, workers, monkeypatch):
+    monkeypatch.setattr(tiling, "PIECE", 4)
+    task = make_task(torch.zeros(shape), [torch.zeros(shape)], [{}], workers=workers)
+    got = tiling.spans(task)
+    numel, row = task.numel, tiling.row_elems(shape)
+    assert got[0][0] == 0 and got[-1][1] == numel
+    assert all(a[1] == b[0] for a, b in zip(got, got[1:]))          # contiguous, in order
+    assert all(s % row == 0 and e % row == 0 and e > s for s, e in got) or numel == 0
+    rows = shape[0] if shape else 1
+    assert len(got) == (1 if numel == 0 else min(workers, rows, math.ceil(numel / 4)))
 
 
 def test_missing_input_is_left_out():

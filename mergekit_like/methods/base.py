@@ -101,6 +101,9 @@ class TensorTask:
     seed: int = 0
     block_elems: int = 1 << 22
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    workers: int = 1
+    """Threads an operator may split its pieces over (``tiling.spans``); the engine sets it
+    on CPU for ``Method.span_parallel`` methods and runs torch ops single-threaded then."""
 
     @property
     def numel(self) -> int:
@@ -155,6 +158,10 @@ class Method:
     """A few cheap passes per element: on CPU the engine then leaves one core to the reader
     thread instead of giving every core to the arithmetic (measured faster for linear and
     task arithmetic on 2 cores, slower for TIES and DARE)."""
+    span_parallel: bool = False
+    """The operator splits each tensor over ``TensorTask.workers`` threads itself (one span of
+    rows each, single-threaded torch ops). On a small CPU this beats torch's intra-op threads,
+    whose per-op barrier stalls whenever the reader thread takes a core."""
 
     def plan_outputs(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> list[OutputSpec]:
         """Output tensors produced from reference tensor ``name`` (default: the tensor itself)."""

@@ -148,18 +148,17 @@ def random_drop_(delta: torch.Tensor, offset: int, key: int, density: float,
 class RandomDrop:
     """DARE's random drop of one model's δ for one tensor."""
 
-    def __init__(self, task: TensorTask, pos: int, density: float, scratch: Scratch | None = None):
+    def __init__(self, task: TensorTask, pos: int, density: float):
         self.key = mask_key(task.seed, task.input_indices[pos], task.name)
         self.density = density
-        self.scratch = scratch
 
-    def apply(self, delta: torch.Tensor, offset: int) -> None:
-        random_drop_(delta, offset, self.key, self.density, self.scratch)
+    def apply(self, delta: torch.Tensor, offset: int, scratch: Scratch | None = None) -> None:
+        random_drop_(delta, offset, self.key, self.density, scratch)
 
 
 class _Dare(TaskVectorMethod):
     def make_sparsifier(self, task: TensorTask, pos: int, density: float, scratch: Scratch):
-        return RandomDrop(task, pos, density, scratch)
+        return RandomDrop(task, pos, density)
 
 
 class DareTies(_Dare):

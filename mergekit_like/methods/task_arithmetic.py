@@ -18,6 +18,7 @@ rescaling) and is subclassed by ``ties.py`` and ``dare.py``.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Protocol, Sequence
 
 import torch
@@ -25,7 +26,7 @@ import torch
 from mergekit_like.errors import MergeError
 from mergekit_like.methods.base import REQUIRED, Method, MethodSpec, ParamSpec, TensorTask
 from mergekit_like.methods.tiling import (Scratch, buffer, copy_of, exact_total, pieces,
-                                          present, row_elems, row_sums)
+                                          present, row_elems, row_sums, run_parallel, spans)
 
 L1_EPS = 1e-7
 """"l1" rescale: r = 1 when ‖δ‖₁ or ‖δ̂‖₁ is below this."""
@@ -127,9 +128,10 @@ def combine_task_vectors(base: torch.Tensor, weighted: Sequence[torch.Tensor | N
 
 class Sparsifier(Protocol):
     """Zeroes the dropped entries of a flat δ piece in place; ``offset`` is its global flat
-    index. Must not depend on how the tensor is cut into pieces."""
+    index; temporaries come from the caller's ``scratch``. Must not depend on how the tensor
+    is cut into pieces, and may be called from several threads at once."""
 
-    def apply(self, delta: torch.Tensor, offset: int) -> None: ...
+    def apply(self, delta: torch.Tensor, offset: int, scratch: Scratch | None = None) -> None: ...
 
 
 def _flag(value: Any, default: Any) -> Any:
@@ -141,6 +143,7 @@ class TaskVectorMethod(Method):
     ``make_sparsifier`` (called for 0 < d < 1 only)."""
 
     consensus = False
+    span_parallel = True
     sparsifies = True
     """False: ``density`` is accepted but ignored (task_arithmetic)."""
 
@@ -162,70 +165,88 @@ class TaskVectorMethod(Method):
         models = present(task)
         if not models or task.numel == 0:
             return copy_of(task, task.base)
-        scratch = Scratch(task.compute_dtype, task.device)
-        weights, densities, sparsifiers = [], [], []
+        weights, densities = [], []
         for pos in models:
             mp = task.model_params[pos]
             if mp.get("weight") is None:
                 raise MergeError(f"{self.spec.name}: no weight for input {pos} of tensor '{task.name}'")
             weights.append(float(mp["weight"]))
-            d = float(_flag(mp.get("density"), 1.0)) if self.sparsifies else 1.0
-            densities.append(d)
-            sparsifiers.append(self.make_sparsifier(task, pos, d, scratch) if 0.0 < d < 1.0 else None)
+            densities.append(float(_flag(mp.get("density"), 1.0)) if self.sparsifies else 1.0)
+        # one sparsifier per model (TIES: its threshold passes), the models in parallel
+        sparsifiers: list[Sparsifier | None] = run_parallel(
+            [partial(self._sparsifier, task, pos, d) for pos, d in zip(models, densities)],
+            task.workers)
         xs = [task.inputs[pos] for pos in models]
         factors: list[float | None] = [None] * len(models)   # "l1" rescale factors r_i
         if rescale == "l1" and any(s is not None for s in sparsifiers):
-            factors = self._l1_factors(task, xs, sparsifiers, scratch)
+            factors = self._l1_factors(task, xs, sparsifiers)
 
         out = task.empty_output()
         flat_out = out.view(-1)
         same_dtype = out.dtype == task.compute_dtype
-        for off, (b, *parts) in pieces(task, [task.base, *xs]):
-            n = b.numel()
-            weighted: list[torch.Tensor | None] = []
-            for j, x in enumerate(parts):
-                if densities[j] <= 0.0:
-                    weighted.append(None)                   # d = 0: δ̂ = 0
-                    continue
-                buf = task_vector(x, b, out=scratch.get(("w", j), n))
-                sp = sparsifiers[j]
-                if sp is not None:
-                    sp.apply(buf, off)
-                    if factors[j] is not None:
-                        if factors[j] != 1.0:
-                            buf.mul_(factors[j])
-                    elif rescale is True:
-                        buf.div_(densities[j])              # exactly 1/d (DARE paper)
-                if weights[j] != 1.0:
-                    buf.mul_(weights[j])
-                weighted.append(buf)
-            target = flat_out[off:off + n]
-            res = combine_task_vectors(b, weighted, weights, consensus=self.consensus,
-                                       normalize=normalize, lam=lam,
-                                       out=target if same_dtype else None, scratch=scratch)
-            if not same_dtype:
-                target.copy_(res)
+
+        def merge_span(span: tuple[int, int]) -> None:
+            scratch = Scratch(task.compute_dtype, task.device)
+            for off, (b, *parts) in pieces(task, [task.base, *xs], span=span):
+                n = b.numel()
+                weighted: list[torch.Tensor | None] = []
+                for j, x in enumerate(parts):
+                    if densities[j] <= 0.0:
+                        weighted.append(None)                   # d = 0: δ̂ = 0
+                        continue
+                    buf = task_vector(x, b, out=scratch.get(("w", j), n))
+                    sp = sparsifiers[j]
+                    if sp is not None:
+                        sp.apply(buf, off, scratch)
+                        if factors[j] is not None:
+                            if factors[j] != 1.0:
+                                buf.mul_(factors[j])
+                        elif rescale is True:
+                            buf.div_(densities[j])              # exactly 1/d (DARE paper)
+                    if weights[j] != 1.0:
+                        buf.mul_(weights[j])
+                    weighted.append(buf)
+                target = flat_out[off:off + n]
+                res = combine_task_vectors(b, weighted, weights, consensus=self.consensus,
+                                           normalize=normalize, lam=lam,
+                                           out=target if same_dtype else None, scratch=scratch)
+                if not same_dtype:
+                    target.copy_(res)
+
+        run_parallel([partial(merge_span, span) for span in spans(task)], task.workers)
         return out
 
+    def _sparsifier(self, task: TensorTask, pos: int, density: float) -> Sparsifier | None:
+        if not 0.0 < density < 1.0:
+            return None
+        return self.make_sparsifier(task, pos, density, Scratch(task.compute_dtype, task.device))
+
     def _l1_factors(self, task: TensorTask, xs: list[torch.Tensor],
-                    sparsifiers: list[Sparsifier | None], scratch: Scratch) -> list[float | None]:
+                    sparsifiers: list[Sparsifier | None]) -> list[float | None]:
         """r_i = ‖δ_i‖₁ / ‖δ̂_i‖₁ (1 if either is below 1e-7), exact sums over row sums."""
         row = row_elems(task.shape)
         idx = [j for j, s in enumerate(sparsifiers) if s is not None]
-        full: dict[int, list[torch.Tensor]] = {j: [] for j in idx}
-        kept: dict[int, list[torch.Tensor]] = {j: [] for j in idx}
-        for off, (b, *parts) in pieces(task, [task.base, *[xs[j] for j in idx]]):
-            for j, x in zip(idx, parts):
-                n = b.numel()
-                buf = task_vector(x, b, out=scratch.get("l1", n))
-                mag = torch.abs(buf, out=scratch.get("l1_abs", n))
-                work = scratch.get("l1_f64", n, torch.float64)
-                full[j].append(row_sums(mag, row, work))
-                sparsifiers[j].apply(buf, off)
-                kept[j].append(row_sums(buf.abs_(), row, work))
+
+        def span_sums(span: tuple[int, int]) -> tuple[dict, dict]:
+            scratch = Scratch(task.compute_dtype, task.device)
+            full: dict[int, list[torch.Tensor]] = {j: [] for j in idx}
+            kept: dict[int, list[torch.Tensor]] = {j: [] for j in idx}
+            for off, (b, *parts) in pieces(task, [task.base, *[xs[j] for j in idx]], span=span):
+                for j, x in zip(idx, parts):
+                    n = b.numel()
+                    buf = task_vector(x, b, out=scratch.get("l1", n))
+                    mag = torch.abs(buf, out=scratch.get("l1_abs", n))
+                    work = scratch.get("l1_f64", n, torch.float64)
+                    full[j].append(row_sums(mag, row, work))
+                    sparsifiers[j].apply(buf, off, scratch)
+                    kept[j].append(row_sums(buf.abs_(), row, work))
+            return full, kept
+
+        parts = run_parallel([partial(span_sums, span) for span in spans(task)], task.workers)
         factors: list[float | None] = [None] * len(sparsifiers)
         for j in idx:
-            n_full, n_kept = exact_total(full[j]), exact_total(kept[j])
+            n_full = exact_total([t for full, _ in parts for t in full[j]])
+            n_kept = exact_total([t for _, kept in parts for t in kept[j]])
             factors[j] = 1.0 if n_full < L1_EPS or n_kept < L1_EPS else n_full / n_kept
         return factors
 

@@ -6,7 +6,7 @@ k-th largest |δ|, keep every |δ| > v_k and, among |δ| = v_k, those with the l
 
 The k-th largest is found exactly without sorting the tensor (operators.md §3, option b): a
 random sample of |δ| brackets v_k, one pass counts the entries above the bracket and collects
-those inside it, and ``kthvalue`` on that small set gives v_k; a missed bracket is widened and
+those inside it, and a selection on that small set gives v_k; a missed bracket is widened and
 the pass repeated. When the k-th largest value is tied and only some of its copies fit, a
 second pass counts the ties in row-major order up to the cutoff index. The trim itself is then
 one ``hardshrink`` per piece: |δ| > prev(v_k) keeps |δ| ≥ v_k, |δ| > v_k drops the ties.
@@ -85,6 +85,21 @@ def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
     return mask.nonzero().view(-1)
 
 
+def sorted_values(t: torch.Tensor) -> torch.Tensor:
+    """A flat tensor's values in ascending order. On CPU numpy's sort is ~20× faster than
+    ``torch.sort`` and 4× faster than one ``torch.kthvalue`` on 2^17 floats."""
+    if t.device.type == "cpu":
+        return torch.from_numpy(np.sort(t.reshape(-1).numpy()))
+    return t.reshape(-1).sort().values
+
+
+def kth_smallest(t: torch.Tensor, j: int) -> float:
+    """The j-th smallest value (1-based) of a flat tensor; numpy's introselect on CPU."""
+    if t.device.type == "cpu":
+        return float(np.partition(t.numpy(), j - 1)[j - 1])
+    return float(t.kthvalue(j).values)
+
+
 def kth_largest(abs_pieces: Callable[[], Iterable[tuple[int, torch.Tensor]]], numel: int, k: int,
                 sample: torch.Tensor, margins: tuple[float, ...] = MARGINS,
                 scratch: Scratch | None = None) -> KthLargest:
@@ -98,14 +113,14 @@ def kth_largest(abs_pieces: Callable[[], Iterable[tuple[int, torch.Tensor]]], nu
     that looks like an atom (repeated in the sample, e.g. the exact zeros of unchanged weights)
     or that is a known strict bound is left open instead and its entries are counted, not
     collected: #(≥ hi), #(≥ lo). Ranked from the top, k then falls in [> hi], [= hi], the
-    collected set (its order statistic, by ``kthvalue``), [= lo], or outside the bracket: a
+    collected set (its order statistic), [= lo], or outside the bracket: a
     miss, which bounds the next, wider bracket. The last bracket is everything left.
     Per-piece temporaries come from ``scratch`` when given.
     """
     if not 1 <= k <= numel:
         raise ValueError(f"k={k} outside [1, {numel}]")
     dtype = sample.dtype
-    srt = sample.reshape(-1)  # unsorted: two order statistics per bracket are all we need
+    srt = sorted_values(sample)
     s = srt.numel()
     q = (numel - k) / numel                      # fraction of entries below v_k
     known_lo, known_hi = -math.inf, math.inf     # v_k > known_lo and v_k < known_hi
@@ -114,13 +129,15 @@ def kth_largest(abs_pieces: Callable[[], Iterable[tuple[int, torch.Tensor]]], nu
         if attempt < len(margins) and s > 0:
             half = margins[attempt] * math.sqrt(s * q * (1.0 - q)) + 2.0
             i_lo, i_hi = math.floor(q * s - half), math.ceil(q * s + half)
-            lo = max(lo, float(srt.kthvalue(i_lo + 1).values) if i_lo >= 0 else -math.inf)
-            hi = min(hi, float(srt.kthvalue(i_hi + 1).values) if i_hi < s else math.inf)
+            lo = max(lo, float(srt[i_lo]) if i_lo >= 0 else -math.inf)
+            hi = min(hi, float(srt[i_hi]) if i_hi < s else math.inf)
             if lo > hi:
                 lo, hi = known_lo, known_hi
 
-        def atom(v: float) -> bool:
-            return int((srt == v).sum()) >= 2
+        def atom(v: float) -> bool:                # v occurs at least twice in the sample
+            at = torch.tensor([v], dtype=dtype, device=srt.device)
+            first = int(torch.searchsorted(srt, at))
+            return first + 1 < s and float(srt[first + 1]) == v
 
         hi_open = hi < math.inf and (hi == known_hi or lo == hi or atom(hi))
         lo_open = -math.inf < lo < hi and (lo == known_lo or atom(lo))
@@ -169,7 +186,7 @@ def kth_largest(abs_pieces: Callable[[], Iterable[tuple[int, torch.Tensor]]], nu
         m = coll.numel()
         if k <= above + m:
             r = k - above                        # r-th largest of the collected set
-            v = coll.kthvalue(m - r + 1).values
+            v = kth_smallest(coll, m - r + 1)
             above += int((coll > v).sum())
             ties = torch.cat(where)[coll == v]
             cutoff = None
@@ -252,7 +269,7 @@ class MagnitudeTrim:
                 self.cutoff = tie_cutoff(abs_pieces(), self.kth.value, need, scratch)
         self.below = _next(self.kth.value, 0.0, task.compute_dtype)
 
-    def apply(self, delta: torch.Tensor, offset: int) -> None:
+    def apply(self, delta: torch.Tensor, offset: int, scratch: Scratch | None = None) -> None:
         magnitude_trim_(delta, offset, self.kth.value, self.cutoff, self.below)
 
 

@@ -17,7 +17,8 @@ was cut into blocks: blocked and unblocked runs give bit-identical results.
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -45,12 +46,12 @@ def cast(task: TensorTask, t: torch.Tensor) -> torch.Tensor:
     return t.to(task.compute_dtype)
 
 
-def pieces(task: TensorTask, tensors: Sequence[torch.Tensor],
-           piece: int | None = None) -> Iterator[tuple[int, list[torch.Tensor]]]:
-    """Yield ``(flat_offset, [flat piece of each tensor])`` over the whole tensor in row-major
-    order, within the engine's blocks. Pieces hold whole rows (at least one), about ``piece``
-    (default ``PIECE``) elements, in the compute dtype; read-only, and valid only until the
-    next piece is yielded.
+def pieces(task: TensorTask, tensors: Sequence[torch.Tensor], piece: int | None = None,
+           span: tuple[int, int] | None = None) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """Yield ``(flat_offset, [flat piece of each tensor])`` over the whole tensor (or the flat
+    range ``span``, row-aligned, from ``spans``) in row-major order, within the engine's
+    blocks. Pieces hold whole rows (at least one), about ``piece`` (default ``PIECE``)
+    elements, in the compute dtype; read-only, and valid only until the next piece is yielded.
 
     Each piece is converted from the stored dtype straight into a buffer reused for the whole
     pass (or is a view when no conversion applies): converting a whole block into fresh memory
@@ -60,11 +61,40 @@ def pieces(task: TensorTask, tensors: Sequence[torch.Tensor],
     step = max(1, piece // row) * row
     flats = [t.reshape(-1) for t in tensors]
     bufs: list[torch.Tensor | None] = [None] * len(flats)
+    lo, hi = (0, task.numel) if span is None else span
     for block in task.blocks():
-        end = block.flat_offset + block.numel
-        for s in range(block.flat_offset, end, step):
+        start, end = max(block.flat_offset, lo), min(block.flat_offset + block.numel, hi)
+        for s in range(start, end, step):
             e = min(s + step, end)
             yield s, [_converted(task, f[s:e], bufs, k) for k, f in enumerate(flats)]
+
+
+def spans(task: TensorTask, n: int | None = None) -> list[tuple[int, int]]:
+    """The tensor's flat range cut at row boundaries into at most ``n`` (default
+    ``task.workers``) near-equal non-empty spans, in order."""
+    n = task.workers if n is None else n
+    if len(task.shape) == 0 or task.numel == 0:
+        return [(0, task.numel)]
+    rows, row = task.shape[0], row_elems(task.shape)
+    n = max(1, min(n, rows, math.ceil(task.numel / PIECE)))
+    cuts = [round(i * rows / n) for i in range(n + 1)]
+    return [(a * row, b * row) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+T = TypeVar("T")
+_POOL: ThreadPoolExecutor | None = None
+
+
+def run_parallel(calls: Sequence[Callable[[], T]], workers: int) -> list[T]:
+    """Results of ``calls`` in order, run on up to ``workers`` threads (inline when 1).
+    torch ops release the GIL, so single-threaded ops on disjoint data run truly parallel."""
+    global _POOL
+    if workers <= 1 or len(calls) <= 1:
+        return [c() for c in calls]
+    if _POOL is None or _POOL._max_workers < workers:
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge-span")
+    futures = [_POOL.submit(c) for c in calls]
+    return [f.result() for f in futures]
 
 
 def _converted(task: TensorTask, part: torch.Tensor, bufs: list[torch.Tensor | None],
