@@ -1,4 +1,4 @@
-"""The `mergekit-like` command: merge, inspect, verify.
+"""The `mergekit-like` command: merge, inspect, verify, publish.
 
 Every user error is a ``MergeError``: printed as one line ``error: …`` on stderr, exit code 2,
 no traceback.
@@ -54,6 +54,13 @@ def merge(
                                          help="Merge inputs that contain NaN/Inf."),
     seed: Optional[int] = typer.Option(None, help="Seed for random operators (overrides the recipe)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    endpoint: Optional[str] = typer.Option(None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Hub cache (default: HF_HUB_CACHE or HF_HOME/hub)."),
+    offline: bool = typer.Option(False, "--offline", help="Hub models from the local cache only (also HF_HUB_OFFLINE=1)."),
+    low_disk: bool = typer.Option(False, "--low-disk",
+                                  help="Download Hub shards one at a time into a private cache and delete each once read."),
+    publish_to: Optional[str] = typer.Option(None, "--publish", help="After the merge, publish OUT to this Hub repo (org/name)."),
+    private: bool = typer.Option(False, "--private", help="With --publish: create the repo private."),
 ) -> None:
     """Merge the models of RECIPE into OUT."""
     from mergekit_like.device import resolve_device
@@ -67,7 +74,10 @@ def merge(
     _warn(loaded.warnings)
     options = MergeOptions(device=resolve_device(device), out_shard_bytes=parse_size(out_shard_size),
                            overwrite=overwrite, resume=resume, allow_nonfinite=allow_nonfinite)
-    opener = source_opener(allow_pickle=allow_pickle)
+    hub = _hub_settings(endpoint, cache_dir, offline, low_disk)
+    if publish_to is not None and not hub.token:  # fail before the merge, not after it
+        raise MergeError("publishing needs a token; set HF_TOKEN")
+    opener = source_opener(allow_pickle=allow_pickle, hub=hub)
     if dry_run:
         plan = build_plan(loaded, opener)
         try:
@@ -93,6 +103,44 @@ def merge(
     _warn(result.warnings)
     resumed = f", {len(result.skipped_shards)} resumed" if result.skipped_shards else ""
     err_console.print(f"wrote {out} ({len(result.shards)} shard(s){resumed})")
+    if publish_to is not None:
+        _publish(out, publish_to, hub, private=private, revision=None, create_pr=False,
+                 message=None)
+
+
+def _hub_settings(endpoint: Optional[str], cache_dir: Optional[Path], offline: bool,
+                  low_disk: bool = False):
+    from mergekit_like.hub.settings import quiet_hub, resolve_settings
+
+    quiet_hub()
+    return resolve_settings(endpoint=endpoint, cache_dir=cache_dir, offline=offline,
+                            low_disk=low_disk)
+
+
+def _publish(out: Path, repo_id: str, hub, **kw) -> None:
+    from mergekit_like.hub.publish import publish as publish_folder
+
+    err_console.print(f"publishing {out} to {repo_id} …")
+    done = publish_folder(out, repo_id, hub, **kw)
+    _warn(done.warnings)
+    out_console.print(done.url)
+
+
+@app.command()
+def publish(
+    out: Path = typer.Argument(..., help="A finished merge output folder."),
+    repo_id: str = typer.Argument(..., help="Hub repo to publish to (namespace/name)."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+    revision: Optional[str] = typer.Option(None, help="Branch to commit to (default main)."),
+    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request instead of committing."),
+    message: Optional[str] = typer.Option(None, "--message", "--commit-message", help="Commit message."),
+    endpoint: Optional[str] = typer.Option(None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)."),
+) -> None:
+    """Upload OUT to the Hub in one commit (verified first; stale shards removed). The token
+    comes from HF_TOKEN or the stored login."""
+    hub = _hub_settings(endpoint, None, False)
+    _publish(out, repo_id, hub, private=private, revision=revision, create_pr=create_pr,
+             message=message)
 
 
 def _print_plan(plan, out: Path, options) -> None:
@@ -129,15 +177,20 @@ def _print_plan(plan, out: Path, options) -> None:
 
 @app.command()
 def inspect(
-    model: str = typer.Argument(..., help="A local model folder."),
+    model: str = typer.Argument(..., help="A local model folder, or a Hub repo org/name[@revision]."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
     tensors: bool = typer.Option(False, "--tensors", help="List every tensor."),
+    endpoint: Optional[str] = typer.Option(None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Hub cache (default: HF_HUB_CACHE or HF_HOME/hub)."),
+    offline: bool = typer.Option(False, "--offline", help="Hub models from the local cache only."),
 ) -> None:
-    """Show a model's tensors, shapes, dtypes, shards and total size (headers only)."""
+    """Show a model's tensors, shapes, dtypes, shards and total size (headers only: a Hub
+    model's shard headers are read over HTTP ranges, no shard is downloaded)."""
     from mergekit_like.inspect_model import describe
     from mergekit_like.sources import open_ref
 
-    source = open_ref(model, allow_pickle=allow_pickle)
+    hub = None if Path(model).is_dir() else _hub_settings(endpoint, cache_dir, offline)
+    source = open_ref(model, allow_pickle=allow_pickle, hub=hub)
     try:
         summary = describe(source)
     finally:

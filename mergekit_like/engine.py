@@ -109,12 +109,13 @@ def _execute(plan: MergePlan, out: Path, options: MergeOptions, progress: Progre
                               max_queue_bytes=options.read_ahead_bytes)
     try:
         # ---- read → merge → write, in the order the shards are laid out ------------------
-        jobs = _jobs_in_write_order(plan, iter_write_order(shards, done))
+        jobs = list(_jobs_in_write_order(plan, iter_write_order(shards, done)))
+        _announce_reads(plan, jobs)
         skipped = {t.name for s in shards if s.filename in done for t in s.tensors}
         if on_start:
             on_start(sum(s.data_size for s in shards if s.filename not in done))
         pending: dict[str, torch.Tensor] = {}
-        reads = read_ahead(jobs, lambda j: read_job(plan, j, options),
+        reads = read_ahead(iter(jobs), lambda j: read_job(plan, j, options),
                            size=lambda j: j.read_bytes(plan), budget=options.read_ahead_bytes)
         for job, inputs in reads:
             pending.update(merge_job(plan, job, inputs, options))
@@ -145,6 +146,24 @@ def _resumable(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return True
     return isinstance(exc, MergeError) and str(exc).startswith("disk full")
+
+
+def _reads_of(plan: MergePlan, job: TensorJob) -> list[int]:
+    """Positions of the sources ``read_job`` reads for ``job``."""
+    if not job.merge:  # the reference's tensor, and the others' copies compared with it
+        return [pos for pos, header in enumerate(plan.headers) if job.name in header]
+    return ([plan.base_pos] if plan.base_pos is not None else []) + list(job.participants)
+
+
+def _announce_reads(plan: MergePlan, jobs: list[TensorJob]) -> None:
+    """Tell each source which of its tensors will be read, in order (Hub: shard order,
+    prefetch, and --low-disk deletion once a shard's tensors are all released)."""
+    per_source: dict[int, list[str]] = {}
+    for job in jobs:
+        for pos in _reads_of(plan, job):
+            per_source.setdefault(pos, []).append(job.name)
+    for pos, source in enumerate(plan.sources):
+        source.plan_reads(per_source.get(pos, []))
 
 
 def _jobs_in_write_order(plan: MergePlan, names: Iterable[str]) -> Iterator[TensorJob]:
@@ -190,12 +209,17 @@ def read_job(plan: MergePlan, job: TensorJob, options: MergeOptions) -> JobInput
     reader thread, so it uses no multi-threaded torch op (those would fight the merge's
     threads for the cores): file reads and ``all_finite``'s numpy scan only."""
     if not job.merge:
-        return JobInputs(plan.reference.read_tensor(job.name), [])
-    base = None
-    if plan.base_pos is not None:
-        base = _read_checked(plan, plan.base_pos, job.name, options)
-    inputs = [_read_checked(plan, pos, job.name, options) for pos in job.participants]
-    return JobInputs(base, inputs)
+        result = JobInputs(plan.reference.read_tensor(job.name), [])
+        _warn_if_buffers_differ(plan, job, result.base)
+    else:
+        base = None
+        if plan.base_pos is not None:
+            base = _read_checked(plan, plan.base_pos, job.name, options)
+        inputs = [_read_checked(plan, pos, job.name, options) for pos in job.participants]
+        result = JobInputs(base, inputs)
+    for pos in _reads_of(plan, job):
+        plan.sources[pos].release(job.name)
+    return result
 
 
 def _read_checked(plan: MergePlan, pos: int, name: str, options: MergeOptions) -> torch.Tensor:
@@ -222,7 +246,6 @@ def merge_job(plan: MergePlan, job: TensorJob, inputs: JobInputs,
               options: MergeOptions) -> dict[str, torch.Tensor]:
     """Outputs of one job on the compute device, each in its planned dtype."""
     if not job.merge:
-        _warn_if_buffers_differ(plan, job, inputs.base)
         return {job.name: inputs.base}
     device = options.device
     task = TensorTask(
@@ -260,7 +283,8 @@ def _write_side_files(plan: MergePlan, folder: OutputFolder, shards: list[ShardP
         folder.write_side_file("config.json", updated_config(config, main_dtype_name(plan.outputs)))
     plan.warnings.extend(copy_side_files(folder, plan.tokenizer, plan.reference))
     recipe = plan.recipe
-    models = [inp.ref.display for inp in plan.inputs]
+    models = [inp.ref.display if inp.ref.is_local or not inp.ref.sha
+              else f"{inp.ref.path} (commit {inp.ref.sha})" for inp in plan.inputs]
     hub_models = [inp.ref.path for inp in sorted(plan.inputs, key=lambda i: not i.is_base)
                   if not inp.ref.is_local]  # the card's base_model lists Hub ids only
     extra = {"seed": recipe.seed, "random mask scheme": MASK_SCHEME} \

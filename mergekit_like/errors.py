@@ -10,5 +10,6 @@ class MergeError(Exception):
 
     exit_code = 2
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, exit_code: int = 2):
         super().__init__(" ".join(str(message).split("\n")))
+        self.exit_code = exit_code

@@ -109,18 +109,7 @@ class LocalSource(CheckpointSource):
         path = self.folder / "config.json"
         if not path.is_file():
             return None
-        cfg = load_json(path, "config.json", self.ref)
-        if not isinstance(cfg, dict):
-            raise MergeError(f"{self.ref}: config.json is not a JSON object")
-        for where, sub in [("", cfg)] + [(f"{k}.", v) for k, v in cfg.items()
-                                          if isinstance(v, dict)]:
-            q = sub.get("quantization_config")
-            if q is not None:
-                method = q.get("quant_method", "?") if isinstance(q, dict) else "?"
-                raise MergeError(f"{self.ref}: quantized checkpoint (config.json has "
-                                 f"{where}quantization_config, quant_method={method}); quantized "
-                                 f"inputs are not supported, use the unquantized model")
-        return cfg
+        return parse_config(path, self.ref)
 
     def _detect_layout(self) -> tuple[str, list[str]]:
         f = self.folder
@@ -295,21 +284,10 @@ class LocalSource(CheckpointSource):
         is open, which over a 5 GB shard defeats the memory bound; pread copies once from the
         page cache and leaves nothing mapped.
         """
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
         offset = self._data_start[info.file] + info.data_offsets[0] + skip
-        fd = os.open(self.folder / info.file, os.O_RDONLY)
-        try:
-            done = 0
-            while done < nbytes:
-                n = os.preadv(fd, [view[done:]], offset + done)
-                if n <= 0:
-                    raise MergeError(f"{self.ref}: {info.file} ended while reading tensor "
-                                     f"'{info.name}' (file truncated?)")
-                done += n
-        finally:
-            os.close(fd)
-        return buf
+        return pread_bytes(self.folder / info.file, offset, nbytes,
+                           f"{self.ref}: {info.file} ended while reading tensor '{info.name}' "
+                           "(file truncated?)")
 
     def read_rows(self, name: str, start: int, stop: int,
                   device: torch.device | str = "cpu") -> torch.Tensor:
@@ -345,6 +323,39 @@ class LocalSource(CheckpointSource):
 
     def __repr__(self) -> str:
         return f"LocalSource({self.ref!r}, {self.layout}, {len(self.files)} file(s))"
+
+
+def pread_bytes(path: Path, offset: int, nbytes: int, short_read: str) -> torch.Tensor:
+    """``nbytes`` of ``path`` from ``offset`` into a fresh uint8 tensor by positional reads;
+    a file that ends early raises ``MergeError(short_read)``."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise MergeError(short_read)
+            done += n
+    finally:
+        os.close(fd)
+    return buf
+
+
+def parse_config(path: Path, ref: str) -> dict[str, Any]:
+    """config.json as a dict; quantized checkpoints are refused."""
+    cfg = load_json(path, "config.json", ref)
+    if not isinstance(cfg, dict):
+        raise MergeError(f"{ref}: config.json is not a JSON object")
+    for where, sub in [("", cfg)] + [(f"{k}.", v) for k, v in cfg.items() if isinstance(v, dict)]:
+        q = sub.get("quantization_config")
+        if q is not None:
+            method = q.get("quant_method", "?") if isinstance(q, dict) else "?"
+            raise MergeError(f"{ref}: quantized checkpoint (config.json has "
+                             f"{where}quantization_config, quant_method={method}); quantized "
+                             f"inputs are not supported, use the unquantized model")
+    return cfg
 
 
 def _own(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The reader interface: where a model's tensors, config and side files come from.
 
 The engine only ever talks to a ``CheckpointSource``. ``LocalSource`` (io/local.py) reads
-local folders; the Hub source (a later issue) implements the same methods, downloading shards
+local folders; ``HubSource`` (hub/source.py) implements the same methods, downloading shards
 as ``read_tensor`` first needs them.
 """
 
@@ -75,6 +75,9 @@ class CheckpointSource(ABC):
     def weight_bytes(self) -> int:
         """Bytes of tensor data the model holds."""
         return sum(t.nbytes for t in self.tensors().values())
+
+    def plan_reads(self, names: list[str]) -> None:  # noqa: B027 - optional hook
+        """The tensors the engine will read from this source, in order (before the first)."""
 
     def release(self, name: str) -> None:  # noqa: B027 - optional hook
         """The engine has consumed ``name``; sources may drop caches (Hub ``--low-disk``)."""

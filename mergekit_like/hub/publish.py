@@ -1,0 +1,61 @@
+"""Publishing a finished merge output to the Hub (hub.md §4): one commit, stale shards removed."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import HfApi
+
+from mergekit_like import __version__
+from mergekit_like.errors import MergeError
+from mergekit_like.hub.errors import hub_call
+from mergekit_like.hub.settings import HubSettings
+from mergekit_like.recipe.refs import is_valid_repo_id
+from mergekit_like.verify import verify_output
+
+STALE_WEIGHTS = ["model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
+"""Weight files of an earlier publish; the ones this commit uploads are exempt."""
+
+_ABS_PATH = re.compile(r"(?m)^\s*-?\s*(?:model|base_model|path|tokenizer_source)\s*:\s*['\"]?(/|~|[A-Za-z]:\\)")
+
+
+@dataclass(frozen=True)
+class Published:
+    url: str          # the commit URL, or the PR URL with create_pr
+    commit: str
+    files: list[str]
+    warnings: list[str]
+
+
+def publish(out: Path, repo_id: str, settings: HubSettings, *, private: bool = False,
+            revision: str | None = None, create_pr: bool = False,
+            message: str | None = None) -> Published:
+    """Upload OUT to ``repo_id`` in one commit after checking it is a complete merge output."""
+    out = Path(out)
+    if "/" not in repo_id or not is_valid_repo_id(repo_id):
+        raise MergeError(f"'{repo_id}' is not a Hub repo id of the form namespace/name")
+    if not out.is_dir():
+        raise MergeError(f"{out}: no such output folder")
+    verify_output(out, read_data=False)       # complete, consistent, no partial/state left
+    if not settings.token:
+        raise MergeError("publishing needs a token; set HF_TOKEN")
+    if settings.offline:
+        raise MergeError("cannot publish in offline mode (unset HF_HUB_OFFLINE)")
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                   if p.is_file() and not any(part.startswith(".") for part in
+                                               p.relative_to(out).parts))
+    warnings = []
+    recipe = out / "mergekit_config.yml"
+    if recipe.is_file() and _ABS_PATH.search(recipe.read_text(encoding="utf-8", errors="replace")):
+        warnings.append("the recipe embedded in the model card names absolute local paths")
+    api = HfApi(endpoint=settings.endpoint, token=settings.token)
+    with hub_call(repo=repo_id, endpoint=settings.endpoint, revision=revision):
+        api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=str(out), revision=revision, create_pr=create_pr,
+            commit_message=message or f"Upload merged model (mergekit_like {__version__})",
+            allow_patterns=files, delete_patterns=STALE_WEIGHTS)
+    url = (info.pr_url if create_pr and info.pr_url else info.commit_url) or ""
+    return Published(url=url, commit=info.oid or "", files=files, warnings=warnings)
