@@ -168,6 +168,10 @@ def _print_plan(plan, out: Path, options) -> None:
     out_console.print(f"output shards: {len(shards)}  ({', '.join(s.filename for s in shards[:3])}"
                       f"{' …' if len(shards) > 3 else ''})")
     out_console.print(f"bytes to read: {_fmt_bytes(plan.read_bytes)}")
+    hub = [s for s in plan.sources if hasattr(s, "download_bytes")]
+    if hub:
+        out_console.print(f"to download from the Hub: {_fmt_bytes(sum(s.download_bytes() for s in hub))}"
+                          " (shards not in the cache)")
     out_console.print(f"output size: {_fmt_bytes(sum(s.file_size for s in shards))}")
     out_console.print(f"device: {options.device}   compute dtype: {str(plan.compute_dtype)[6:]}")
     out_console.print("peak memory estimate: "

@@ -83,10 +83,16 @@ def test_hub_merge_equals_local_merge_and_fetches_only_what_it_needs(
     assert "- org/base\n- org/ft1\n- org/ft2\n" in card
 
 
-def test_second_run_downloads_nothing(fake_hub, hub_family, tmp_path, capsys):
+def test_second_run_downloads_nothing(fake_hub, family, hub_family, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "hub.yml", ties_recipe("org/base", "org/ft1", "org/ft2"))
     args = hub_args(fake_hub, tmp_path / "cache")
+    code, out, _ = run_cli(["merge", recipe, tmp_path / "a", *args, "--dry-run"], capsys)
+    total = sum(p.stat().st_size for f in family for p in f.glob("*.safetensors"))
+    assert code == 0 and f"to download from the Hub: {total / 1000:.2f} KB" in out
+    assert shard_gets(fake_hub) == [] and not (tmp_path / "a").exists()
     assert run_cli(["merge", recipe, tmp_path / "a", *args], capsys)[0] == 0
+    code, out, _ = run_cli(["merge", recipe, tmp_path / "a2", *args, "--dry-run"], capsys)
+    assert code == 0 and "to download from the Hub: 0 B" in out
     fake_hub.clear_log()
     assert run_cli(["merge", recipe, tmp_path / "b", *args], capsys)[0] == 0
     assert shard_gets(fake_hub) == []

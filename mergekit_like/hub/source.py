@@ -158,6 +158,17 @@ class HubSource(CheckpointSource):
                 if nxt in self._pending:
                     return
 
+    def download_bytes(self) -> int:
+        """Bytes of weight shards not in the cache yet (``--dry-run``; sizes from the repo tree)."""
+        from huggingface_hub import try_to_load_from_cache
+
+        with self._call():
+            sizes = {e.path: e.size for e in self.api.list_repo_tree(
+                self.repo, revision=self.sha, recursive=True) if hasattr(e, "size")}
+        return sum(sizes.get(rel, 0) for rel in self.files
+                   if not isinstance(try_to_load_from_cache(self.repo, rel, cache_dir=self._cache,
+                                                            revision=self.sha), str))
+
     # ---------------------------------------------------------------- CheckpointSource API
     def tensors(self) -> dict[str, TensorInfo]:
         return dict(self._tensors)
