@@ -146,3 +146,38 @@ def test_ties_adapter_large_sampled_tensor():
     out = T.Ties().merge_tensor(_task(torch.zeros_like(d), d, 0.2, 1 << 15))
     keep = reference_keep(d.abs().reshape(-1), k).view_as(d)
     assert torch.equal(out, torch.where(keep, d, torch.zeros_like(d)))
+
+
+@pytest.mark.parametrize("kind", ["normal", "few_values", "zeros", "bf16_like"])
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.5, 0.93])
+def test_parts_scanned_in_parallel_give_the_serial_answer(kind, density):
+    """kth_largest over consecutive parts run on threads equals the one-source scan."""
+    from mergekit_like.methods.tiling import Scratch, run_parallel
+
+    a = _data(kind, 20_011, 7)
+    n, k = a.numel(), T.trim_count(density, a.numel())
+    cuts = [0, 6_000, 6_001, 14_000, n]
+
+    def part(s, e):
+        def chunks():
+            for o in range(s, e, 997):
+                yield o, a[o:min(o + 997, e)].clone()
+        return chunks
+
+    sources = [part(s, e) for s, e in zip(cuts, cuts[1:])]
+    scratches = [Scratch(F32, torch.device("cpu")) for _ in sources]
+    sample = a[::7].clone()
+    par = T.kth_largest(sources, n, k, sample, scratch=scratches,
+                        run=lambda calls: run_parallel(calls, 3))
+    ser = T.kth_largest(part(0, n), n, k, sample)
+
+    def last_kept_tie(kth):            # the tie locator resolved to a flat index
+        if kth.tie_piece is None:
+            return kth.cutoff
+        off, m, r = kth.tie_piece
+        return off + int(torch.nonzero(a[off:off + m] == kth.value)[r - 1])
+
+    assert par._replace(tie_piece=None, cutoff=None) == ser._replace(tie_piece=None, cutoff=None)
+    assert last_kept_tie(par) == last_kept_tie(ser)
+    keep, _ = fast_keep(a, k, sample)
+    assert torch.equal(keep, reference_keep(a, k))

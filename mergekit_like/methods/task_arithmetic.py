@@ -172,10 +172,8 @@ class TaskVectorMethod(Method):
                 raise MergeError(f"{self.spec.name}: no weight for input {pos} of tensor '{task.name}'")
             weights.append(float(mp["weight"]))
             densities.append(float(_flag(mp.get("density"), 1.0)) if self.sparsifies else 1.0)
-        # one sparsifier per model (TIES: its threshold passes), the models in parallel
-        sparsifiers: list[Sparsifier | None] = run_parallel(
-            [partial(self._sparsifier, task, pos, d) for pos, d in zip(models, densities)],
-            task.workers)
+        # one sparsifier per model (TIES: its threshold passes, span-parallel inside)
+        sparsifiers = [self._sparsifier(task, pos, d) for pos, d in zip(models, densities)]
         xs = [task.inputs[pos] for pos in models]
         factors: list[float | None] = [None] * len(models)   # "l1" rescale factors r_i
         if rescale == "l1" and any(s is not None for s in sparsifiers):

@@ -15,7 +15,8 @@ one ``hardshrink`` per piece: |δ| > prev(v_k) keeps |δ| ≥ v_k, |δ| > v_k dr
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Iterator, NamedTuple
+from functools import partial
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from mergekit_like.errors import MergeError
 from mergekit_like.methods.base import MethodSpec, ParamSpec, TensorTask
 from mergekit_like.methods.task_arithmetic import (TaskVectorMethod, task_vector,
                                                    task_vector_params)
-from mergekit_like.methods.tiling import Scratch, buffer, cast, pieces
+from mergekit_like.methods.tiling import Scratch, buffer, cast, pieces, run_parallel, spans
 
 SAMPLE_MIN, SAMPLE_MAX = 1 << 14, 1 << 17
 SAMPLE_RUN = 64
@@ -100,14 +101,21 @@ def kth_smallest(t: torch.Tensor, j: int) -> float:
     return float(t.kthvalue(j).values)
 
 
-def kth_largest(abs_pieces: Callable[[], Iterable[tuple[int, torch.Tensor]]], numel: int, k: int,
+PieceSource = Callable[[], Iterable[tuple[int, torch.Tensor]]]
+
+
+def kth_largest(abs_pieces: PieceSource | Sequence[PieceSource], numel: int, k: int,
                 sample: torch.Tensor, margins: tuple[float, ...] = MARGINS,
-                scratch: Scratch | None = None) -> KthLargest:
+                scratch: Scratch | Sequence[Scratch] | None = None,
+                run: Callable[[list[Callable[[], Any]]], list[Any]] | None = None) -> KthLargest:
     """Exact k-th largest of a non-negative tensor seen as pieces, 1 ≤ k ≤ numel.
 
     ``abs_pieces()`` yields (flat offset, flat float piece) covering the tensor (any cut, any
-    order; a piece may be a reused buffer); it is called once per pass. ``sample`` is a random sample of
-    the values (or all of them) used to bracket the answer; it only affects speed and memory.
+    order; a piece may be a reused buffer); it is called once per pass. It may also be a list
+    of such sources, consecutive parts of the tensor in order, each with its own ``scratch``
+    (a list too): ``run`` (e.g. ``tiling.run_parallel``) then scans the parts of a pass at
+    once. ``sample`` is a random sample of the values (or all of them) used to bracket the
+    answer; it only affects speed and memory.
 
     One pass over a bracket lo ≤ hi counts #(> hi) and collects the values in [lo, hi]. An end
     that looks like an atom (repeated in the sample, e.g. the exact zeros of unchanged weights)
@@ -119,6 +127,9 @@ def kth_largest(abs_pieces: Callable[[], Iterable[tuple[int, torch.Tensor]]], nu
     """
     if not 1 <= k <= numel:
         raise ValueError(f"k={k} outside [1, {numel}]")
+    sources = list(abs_pieces) if isinstance(abs_pieces, (list, tuple)) else [abs_pieces]
+    scratches = list(scratch) if isinstance(scratch, (list, tuple)) else [scratch] * len(sources)
+    run = run or (lambda calls: [c() for c in calls])
     dtype = sample.dtype
     srt = sorted_values(sample)
     s = srt.numel()
@@ -144,33 +155,13 @@ def kth_largest(abs_pieces: Callable[[], Iterable[tuple[int, torch.Tensor]]], nu
         c_lo = _next(lo, math.inf, dtype) if lo_open else lo
         c_hi = _next(hi, -math.inf, dtype) if hi_open else hi
         collect = lo < hi and c_lo <= c_hi
-        gt_hi = ge_hi = ge_lo = 0
-        inside: list[torch.Tensor] = []
-        where: list[torch.Tensor] = []
-        eq_hi: list[tuple[int, int, int]] = []   # per piece: copies of hi, of lo (open ends)
-        eq_lo: list[tuple[int, int, int]] = []
-        for off, a in abs_pieces():
-            tmp = buffer(scratch, "kth_tmp", a)
-            gt_p = ge_p = coll_p = 0
-            if hi < math.inf:
-                gt_p = _count(torch.gt(a, hi, out=tmp))
-                if hi_open:
-                    ge_p = _count(torch.ge(a, hi, out=tmp))
-                    eq_hi.append((off, a.numel(), ge_p - gt_p))
-            if collect:
-                torch.clamp(a, c_lo, c_hi, out=tmp)
-                torch.eq(tmp, a, out=tmp)           # c_lo ≤ a ≤ c_hi
-                coll_p = _count(tmp)
-                if coll_p:
-                    idx = flat_nonzero(buffer(scratch, "kth_mask", a, torch.bool).copy_(tmp))
-                    inside.append(a[idx])
-                    where.append(idx.add_(off))
-            if lo_open:
-                ge_lo_p = _count(torch.ge(a, lo, out=tmp))
-                ge_lo += ge_lo_p
-                eq_lo.append((off, a.numel(), ge_lo_p - coll_p - (ge_p if hi_open else gt_p)))
-            gt_hi += gt_p
-            ge_hi += ge_p
+        parts = run([partial(_scan_pass, src, scr, lo, hi, c_lo, c_hi, hi_open, lo_open, collect)
+                     for src, scr in zip(sources, scratches)])
+        gt_hi, ge_hi, ge_lo = (sum(p[i] for p in parts) for i in range(3))
+        inside = [t for p in parts for t in p[3]]
+        where = [t for p in parts for t in p[4]]
+        eq_hi = [c for p in parts for c in p[5]]     # per piece: copies of hi, of lo (open ends)
+        eq_lo = [c for p in parts for c in p[6]]
         passes = attempt + 1
         above = gt_hi
         if k <= above:                           # miss: v_k > hi
@@ -200,6 +191,40 @@ def kth_largest(abs_pieces: Callable[[], Iterable[tuple[int, torch.Tensor]]], nu
             return KthLargest(lo, above, equal, passes, None, part)
         known_hi = lo                            # miss: v_k < lo
     raise AssertionError("kth_largest: the full bracket cannot miss")  # pragma: no cover
+
+
+def _scan_pass(abs_pieces: PieceSource, scratch: Scratch | None, lo: float, hi: float,
+               c_lo: float, c_hi: float, hi_open: bool, lo_open: bool, collect: bool) -> tuple:
+    """One pass of ``kth_largest`` over one part: #(> hi), #(≥ hi), #(≥ lo), the collected
+    values in [c_lo, c_hi] with their flat indices, and per-piece copies of hi and of lo."""
+    gt_hi = ge_hi = ge_lo = 0
+    inside: list[torch.Tensor] = []
+    where: list[torch.Tensor] = []
+    eq_hi: list[tuple[int, int, int]] = []
+    eq_lo: list[tuple[int, int, int]] = []
+    for off, a in abs_pieces():
+        tmp = buffer(scratch, "kth_tmp", a)
+        gt_p = ge_p = coll_p = 0
+        if hi < math.inf:
+            gt_p = _count(torch.gt(a, hi, out=tmp))
+            if hi_open:
+                ge_p = _count(torch.ge(a, hi, out=tmp))
+                eq_hi.append((off, a.numel(), ge_p - gt_p))
+        if collect:
+            torch.clamp(a, c_lo, c_hi, out=tmp)
+            torch.eq(tmp, a, out=tmp)           # c_lo ≤ a ≤ c_hi
+            coll_p = _count(tmp)
+            if coll_p:
+                idx = flat_nonzero(buffer(scratch, "kth_mask", a, torch.bool).copy_(tmp))
+                inside.append(a[idx])
+                where.append(idx.add_(off))
+        if lo_open:
+            ge_lo_p = _count(torch.ge(a, lo, out=tmp))
+            ge_lo += ge_lo_p
+            eq_lo.append((off, a.numel(), ge_lo_p - coll_p - (ge_p if hi_open else gt_p)))
+        gt_hi += gt_p
+        ge_hi += ge_p
+    return gt_hi, ge_hi, ge_lo, inside, where, eq_hi, eq_lo
 
 
 def tie_cutoff(abs_pieces: Iterable[tuple[int, torch.Tensor]], value: float, need: int,
@@ -251,12 +276,16 @@ class MagnitudeTrim:
         self.k = trim_count(density, task.numel)
         x, base = task.inputs[pos], task.base
 
-        def abs_pieces() -> Iterator[tuple[int, torch.Tensor]]:
-            for off, (b, xp) in pieces(task, [base, x]):
-                yield off, task_vector(xp, b, out=scratch.get("ties_abs", b.numel())).abs_()
+        def abs_pieces(span: tuple[int, int] | None, buf: Scratch) -> Iterator[tuple[int, torch.Tensor]]:
+            for off, (b, xp) in pieces(task, [base, x], span=span):
+                yield off, task_vector(xp, b, out=buf.get("ties_abs", b.numel())).abs_()
 
+        parts = spans(task)                       # the tensor's row spans, scanned in parallel
+        scratches = [scratch] + [Scratch(task.compute_dtype, task.device) for _ in parts[1:]]
+        sources = [partial(abs_pieces, span, buf) for span, buf in zip(parts, scratches)]
         sample = sample_abs_delta(task, x, base)
-        self.kth = kth_largest(abs_pieces, task.numel, self.k, sample, scratch=scratch)
+        self.kth = kth_largest(sources, task.numel, self.k, sample, scratch=scratches,
+                               run=partial(run_parallel, workers=task.workers))
         need = self.k - self.kth.above            # ties at v_k to keep, lowest flat index first
         self.cutoff = self.kth.cutoff
         if self.cutoff is None and need < self.kth.equal and self.kth.value > 0:
@@ -266,7 +295,7 @@ class MagnitudeTrim:
                      - cast(task, base.reshape(-1)[off:off + n])).abs_()
                 self.cutoff = off + int(flat_nonzero(a == self.kth.value)[r - 1])
             else:
-                self.cutoff = tie_cutoff(abs_pieces(), self.kth.value, need, scratch)
+                self.cutoff = tie_cutoff(abs_pieces(None, scratch), self.kth.value, need, scratch)
         self.below = _next(self.kth.value, 0.0, task.compute_dtype)
 
     def apply(self, delta: torch.Tensor, offset: int, scratch: Scratch | None = None) -> None:
