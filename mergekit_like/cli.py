@@ -1,4 +1,4 @@
-"""The `mergekit-like` command: merge, inspect, verify, publish.
+"""The `mergekit-like` command: merge, inspect, verify, publish, eval.
 
 Every user error is a ``MergeError``: printed as one line ``error: …`` on stderr, exit code 2,
 no traceback.
@@ -7,13 +7,14 @@ no traceback.
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
 from mergekit_like import __version__
@@ -234,6 +235,79 @@ def verify(
     report = verify_output(out, allow_nonfinite=allow_nonfinite)
     out_console.print(f"ok: {out}: {report.tensors} tensors in {report.files} file(s), "
                       f"{_fmt_bytes(report.total_bytes)}")
+
+
+@app.command(name="eval")
+def eval_model(
+    model: Path = typer.Argument(..., help="A model folder (a merge output or any transformers checkpoint)."),
+    data: Path = typer.Option(..., "--data", help="JSON Lines: {\"text\"|\"input_ids\", \"answer\"?, \"task\"?} per line."),
+    metric: str = typer.Option("ppl", "--metric", help="ppl (perplexity, loss, entropy) | acc (greedy exact match per task)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Examples per forward pass."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto = CUDA when available)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Evaluate MODEL on the examples of --data: perplexity or per-task accuracy (float32)."""
+    from mergekit_like.runtime import evaluate_accuracy, evaluate_perplexity, load_model, read_examples
+    from mergekit_like.runtime.model import require_transformers
+
+    if metric not in ("ppl", "acc"):
+        raise MergeError(f"--metric {metric!r}: use ppl or acc")
+    if batch_size < 1:
+        raise MergeError(f"--batch-size {batch_size}: must be at least 1")
+    if not data.is_file():  # before the (possibly long) model load
+        raise MergeError(f"{data}: no such data file")
+    require_transformers().utils.logging.disable_progress_bar()  # ours is on stderr below
+    with err_console.status(f"loading {model} …") if not quiet else nullcontext():
+        loaded = load_model(model, device=device)
+    examples = read_examples(data, loaded.tokenizer)
+    if metric == "acc":
+        examples = [ex for ex in examples if ex.answer_ids]
+        if not examples:
+            raise MergeError(f"{data}: no example has an \"answer\"; --metric acc needs answers")
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
+                  disable=quiet, transient=False) as bar:
+        task = bar.add_task(f"eval {metric}", total=len(examples))
+
+        def on_done(n_done: int) -> None:
+            bar.update(task, completed=n_done)
+
+        if metric == "ppl":
+            result = evaluate_perplexity(loaded, examples, batch_size=batch_size, progress=on_done)
+        else:
+            scores = evaluate_accuracy(loaded, examples, batch_size=batch_size, progress=on_done)
+    if metric == "ppl":
+        _print_perplexity(model, len(examples), result)
+    else:
+        _print_accuracy(model, examples, scores)
+
+
+def _print_perplexity(model: Path, n_examples: int, result) -> None:
+    table = Table(title=f"{model}: perplexity on {n_examples} example(s)")
+    for col in ("tokens", "loss", "perplexity", "mean entropy"):
+        table.add_column(col, justify="right")
+    table.add_row(str(result.tokens), f"{result.loss:.4f}", f"{result.perplexity:.4f}",
+                  f"{result.entropy:.4f}")
+    out_console.print(table)
+
+
+def _print_accuracy(model: Path, examples: list, scores: dict[str, float]) -> None:
+    from mergekit_like.runtime.evaluate import AVERAGE, NO_TASK
+
+    counts: dict[str, int] = {}
+    for ex in examples:
+        counts[ex.task or NO_TASK] = counts.get(ex.task or NO_TASK, 0) + 1
+    table = Table(title=f"{model}: greedy exact-match accuracy")
+    table.add_column("task")
+    table.add_column("examples", justify="right")
+    table.add_column("accuracy", justify="right")
+    for name, value in scores.items():
+        if name == AVERAGE:
+            table.add_section()
+            table.add_row(name, str(len(examples)), f"{value:.4f}")
+        else:
+            table.add_row(name, str(counts[name]), f"{value:.4f}")
+    out_console.print(table)
 
 
 @app.command()
