@@ -82,61 +82,147 @@ def run_merge(recipe: Recipe, out: Path, options: MergeOptions, open_source: Sou
     """Merge ``recipe`` into ``out``. ``on_start(bytes)`` is called once the work is known,
     ``progress(name, bytes)`` after each output tensor is handed to the writer."""
     plan = build_plan(recipe, open_source)
-    threads = torch.get_num_threads()
-    compute, workers = threads, 1
-    if options.device.type == "cpu":
-        if plan.method.io_bound and threads > 1:
-            compute = threads - 1            # a core for the reader thread (Method.io_bound)
-        if plan.method.span_parallel and compute > 1:
-            compute, workers = 1, compute    # the operator's own threads, one span each
-    torch.set_num_threads(compute)
     try:
-        return _execute(plan, Path(out), replace(options, workers=workers), progress, on_start)
+        result = run_pass([plan], [Path(out)], options, progress, on_start, isolate=False)[0]
+    finally:
+        plan.close()
+    assert isinstance(result, MergeResult)
+    return result
+
+
+def run_pass(plans: list[MergePlan], outs: list[Path], options: MergeOptions,
+             progress: Progress | None = None, on_start: Callable[[int], None] | None = None,
+             *, isolate: bool = True) -> list[MergeResult | BaseException]:
+    """Write one output per plan in a single read pass: each input tensor is read once and
+    every plan's outputs are computed from it and written right away.
+
+    The plans must share their sources and read the same tensors from them in the same
+    order (the grid groups its points so). ``isolate``: an error in one plan's merge or
+    write fails that output only (its partial folder removed) and is returned in its place;
+    a read error fails them all. Without it (a single merge) errors propagate."""
+    threads = torch.get_num_threads()
+    points: list[_Point] = []
+    try:
+        for plan, out in zip(plans, outs):
+            points.append(_open_point(plan, Path(out), options, len(plans)))
+        _stream(points, options, progress, on_start, isolate)
+        for pt in points:                       # side files, check, rename into place
+            if pt.error is None:
+                _guard(pt, isolate, lambda pt=pt: _finish(pt))
+    except BaseException as exc:
+        for pt in points:
+            if pt.error is None:
+                pt.error = exc
+                _abandon(pt, exc)
+        if not isolate or not isinstance(exc, Exception):
+            raise
     finally:
         torch.set_num_threads(threads)
-        plan.close()
+    return [pt.error if pt.error is not None else
+            MergeResult(pt.out, pt.shards, pt.done, pt.plan.warnings + list(pt.folder.warnings))
+            for pt in points]
 
 
-def _execute(plan: MergePlan, out: Path, options: MergeOptions, progress: Progress | None,
-             on_start: Callable[[int], None] | None) -> MergeResult:
-    # ---- plan: shard layout and resume key ------------------------------------------------
+@dataclass
+class _Point:
+    """One output of a pass: its plan, output folder, writer and what is left to write."""
+
+    plan: MergePlan
+    out: Path
+    shards: list[ShardPlan]
+    folder: OutputFolder
+    writer: AsyncShardWriter
+    done: set[str]                      # shard files finished by an earlier run (resume)
+    skipped: set[str]                   # their tensors
+    jobs: dict[str, TensorJob]
+    threads: tuple[int, int]            # (torch threads, operator workers) for its method
+    pending: dict[str, torch.Tensor] = field(default_factory=dict)
+    error: BaseException | None = None
+
+
+def _open_point(plan: MergePlan, out: Path, options: MergeOptions, n_points: int) -> _Point:
+    """Plan the output's shard layout and resume key, open its folder and writer."""
     shards = plan_shards(plan.outputs, options.out_shard_bytes)
     folder = OutputFolder(out, overwrite=options.overwrite, resume=options.resume,
                           resume_key=resume_key(plan, shards, options),
                           planned_bytes=sum(s.file_size for s in shards), plans=shards)
     done = folder.prepare()
     writer = AsyncShardWriter(folder, shards, skip=done,
-                              max_queue_bytes=options.read_ahead_bytes)
-    try:
-        # ---- read → merge → write, in the order the shards are laid out ------------------
-        jobs = list(_jobs_in_write_order(plan, iter_write_order(shards, done)))
-        _announce_reads(plan, jobs)
-        skipped = {t.name for s in shards if s.filename in done for t in s.tensors}
-        if on_start:
-            on_start(sum(s.data_size for s in shards if s.filename not in done))
-        pending: dict[str, torch.Tensor] = {}
-        reads = read_ahead(iter(jobs), lambda j: read_job(plan, j, options),
-                           size=lambda j: j.read_bytes(plan), budget=options.read_ahead_bytes)
-        for job, inputs in reads:
-            pending.update(merge_job(plan, job, inputs, options))
-            del inputs  # before the next read starts: at most two jobs' inputs in memory
-            for spec in job.outputs:
-                if spec.name in pending and spec.name not in skipped:
-                    writer.submit(spec.name, pending.pop(spec.name).cpu())
-                    if progress:
-                        progress(spec.name, math.prod(spec.shape) * spec.dtype.itemsize)
-                pending.pop(spec.name, None)
-        writer.close()
-        # ---- side files, check, rename into place ------------------------------------------
-        _write_side_files(plan, folder, shards)
-        verify_output(folder.partial, read_data=False, allow_state_dir=True)
-        folder.finalize()
-    except BaseException as exc:
-        writer.abort()
-        folder.abort(keep_partial=_resumable(exc))
-        raise
-    return MergeResult(out, shards, done, plan.warnings + list(folder.warnings))
+                              max_queue_bytes=max(1, options.read_ahead_bytes // n_points))
+    return _Point(plan, out, shards, folder, writer, done,
+                  {t.name for s in shards if s.filename in done for t in s.tensors},
+                  {job.name: job for job in plan.jobs}, _threads_for(plan, options))
 
+
+def _threads_for(plan: MergePlan, options: MergeOptions) -> tuple[int, int]:
+    """torch threads and operator workers for the plan's method (see ``Method.io_bound`` and
+    ``Method.span_parallel``); on CUDA every core stays with torch."""
+    threads = torch.get_num_threads()
+    compute, workers = threads, 1
+    if options.device.type == "cpu":
+        if plan.method.io_bound and threads > 1:
+            compute = threads - 1            # a core for the reader thread
+        if plan.method.span_parallel and compute > 1:
+            compute, workers = 1, compute    # the operator's own threads, one span each
+    return compute, workers
+
+
+def _stream(points: list[_Point], options: MergeOptions, progress: Progress | None,
+            on_start: Callable[[int], None] | None, isolate: bool) -> None:
+    """read → merge → write, in the order the (shared) shard layout is laid out."""
+    lead = points[0]
+    done_everywhere = set.intersection(*(pt.done for pt in points))
+    jobs = list(_jobs_in_write_order(lead.plan, iter_write_order(lead.shards, done_everywhere)))
+    _announce_reads(lead.plan, jobs)
+    if on_start:
+        on_start(sum(s.data_size for s in lead.shards if s.filename not in lead.done))
+    reads = read_ahead(iter(jobs), lambda j: read_job(lead.plan, j, options),
+                       size=lambda j: j.read_bytes(lead.plan), budget=options.read_ahead_bytes)
+    for job, inputs in reads:
+        for pt in points:
+            if pt.error is None:
+                _guard(pt, isolate, lambda pt=pt, inputs=inputs: _merge_and_submit(
+                    pt, pt.jobs[job.name], inputs, options, progress if pt is lead else None))
+        del inputs  # before the next read starts: at most two jobs' inputs in memory
+
+
+def _merge_and_submit(pt: _Point, job: TensorJob, inputs: JobInputs, options: MergeOptions,
+                      progress: Progress | None) -> None:
+    compute, workers = pt.threads
+    if torch.get_num_threads() != compute:
+        torch.set_num_threads(compute)
+    pt.pending.update(merge_job(pt.plan, job, inputs, replace(options, workers=workers)))
+    for spec in job.outputs:
+        if spec.name in pt.pending and spec.name not in pt.skipped:
+            pt.writer.submit(spec.name, pt.pending.pop(spec.name).cpu())
+            if progress:
+                progress(spec.name, math.prod(spec.shape) * spec.dtype.itemsize)
+        pt.pending.pop(spec.name, None)
+
+
+def _finish(pt: _Point) -> None:
+    pt.writer.close()
+    _write_side_files(pt.plan, pt.folder, pt.shards)
+    verify_output(pt.folder.partial, read_data=False, allow_state_dir=True)
+    pt.folder.finalize()
+
+
+def _guard(pt: _Point, isolate: bool, step: Callable[[], None]) -> None:
+    """Run one point's step; with ``isolate`` a failure ends that point only."""
+    if not isolate:
+        step()
+        return
+    try:
+        step()
+    except Exception as exc:  # noqa: BLE001 - recorded as the point's result
+        pt.error = exc
+        _abandon(pt, exc)
+
+
+def _abandon(pt: _Point, exc: BaseException) -> None:
+    pt.writer.abort()
+    pt.folder.abort(keep_partial=_resumable(exc))
+    pt.pending.clear()
 
 
 def _resumable(exc: BaseException) -> bool:

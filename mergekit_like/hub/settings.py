@@ -55,7 +55,9 @@ def resolve_settings(*, endpoint: str | None = None, cache_dir: Path | str | Non
 
 
 def quiet_hub() -> None:
-    """The library's tqdm bars off: the project shows its own progress."""
-    from huggingface_hub.utils import disable_progress_bars
+    """The library's tqdm bars and retry warnings off: the project shows its own progress, and
+    an error is the one line the CLI prints."""
+    from huggingface_hub.utils import disable_progress_bars, logging
 
     disable_progress_bars()
+    logging.set_verbosity_error()
