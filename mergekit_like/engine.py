@@ -92,19 +92,22 @@ def run_merge(recipe: Recipe, out: Path, options: MergeOptions, open_source: Sou
 
 def run_pass(plans: list[MergePlan], outs: list[Path], options: MergeOptions,
              progress: Progress | None = None, on_start: Callable[[int], None] | None = None,
-             *, isolate: bool = True) -> list[MergeResult | BaseException]:
+             *, isolate: bool = True,
+             extra_files: list[dict[str, str]] | None = None) -> list[MergeResult | BaseException]:
     """Write one output per plan in a single read pass: each input tensor is read once and
     every plan's outputs are computed from it and written right away.
 
     The plans must share their sources and read the same tensors from them in the same
     order (the grid groups its points so). ``isolate``: an error in one plan's merge or
     write fails that output only (its partial folder removed) and is returned in its place;
-    a read error fails them all. Without it (a single merge) errors propagate."""
+    a read error fails them all. Without it (a single merge) errors propagate.
+    ``extra_files[k]``: more side files (name → text) for output k, written before its check."""
     threads = torch.get_num_threads()
     points: list[_Point] = []
     try:
-        for plan, out in zip(plans, outs):
+        for k, (plan, out) in enumerate(zip(plans, outs)):
             points.append(_open_point(plan, Path(out), options, len(plans)))
+            points[-1].extra = dict(extra_files[k]) if extra_files else {}
         _stream(points, options, progress, on_start, isolate)
         for pt in points:                       # side files, check, rename into place
             if pt.error is None:
@@ -137,6 +140,7 @@ class _Point:
     jobs: dict[str, TensorJob]
     threads: tuple[int, int]            # (torch threads, operator workers) for its method
     pending: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)
     error: BaseException | None = None
 
 
@@ -203,6 +207,8 @@ def _merge_and_submit(pt: _Point, job: TensorJob, inputs: JobInputs, options: Me
 def _finish(pt: _Point) -> None:
     pt.writer.close()
     _write_side_files(pt.plan, pt.folder, pt.shards)
+    for name, text in pt.extra.items():
+        pt.folder.write_side_file(name, text)
     verify_output(pt.folder.partial, read_data=False, allow_state_dir=True)
     pt.folder.finalize()
 

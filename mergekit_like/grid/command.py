@@ -1,0 +1,176 @@
+"""`mergekit-like grid`: the command's flow (load → lock → run passes → evaluate → report)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from mergekit_like.engine import MergeOptions
+from mergekit_like.errors import MergeError
+from mergekit_like.grid.evaluate import check_ppl_extra, perplexity_of, run_eval_command
+from mergekit_like.grid.expand import Grid, load_grid, short_keys
+from mergekit_like.grid.results import (ResultLog, atomic_write, csv_text, latest, read_results)
+from mergekit_like.grid.run import (GridOptions, SharedSources, acquire_lock, group_passes,
+                                    plan_points, run_grid, select_shard)
+from mergekit_like.plan import SourceOpener
+
+EXIT_POINT_FAILED = 3
+
+
+@dataclass
+class EvalOptions:
+    command: str | None = None
+    key: str | None = None
+    timeout: float | None = None
+    goal: str | None = None            # "min" | "max"; default per kind
+    ppl_file: Path | None = None
+    ctx: int | None = None
+    max_tokens: int = 65536
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise MergeError(f"--shard {text!r}: expected i/n, e.g. 2/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise MergeError(f"--shard {text!r}: need 0 ≤ i < n")
+    return i, n
+
+
+def holds_grid(root: Path) -> bool:
+    return (root / "points.json").exists() or any(root.glob("results*.jsonl"))
+
+
+def grid_main(grid_path: Path, root: Path, merge_options: MergeOptions, opener: SourceOpener,
+              options: GridOptions, evals: EvalOptions, *, seed: int | None, strict: bool,
+              dry_run: bool, report_only: bool, out: Console, err: Console) -> int:
+    if report_only:
+        grid = load_grid(grid_path, seed=seed, strict=False)
+        rows = list(latest(read_results(root)).values())
+        _report(root, grid, rows, evals, out)
+        return EXIT_POINT_FAILED if _any_failed(rows) else 0
+    if evals.ppl_file is not None:
+        check_ppl_extra()
+        if not evals.ppl_file.is_file():
+            raise MergeError(f"--eval-ppl {evals.ppl_file}: no such file")
+    grid = load_grid(grid_path, seed=seed, strict=strict)
+    for w in dict.fromkeys([*grid.warnings, *(w for p in grid.points for w in p.recipe.warnings)]):
+        err.print(f"[yellow]warning:[/yellow] {w}", markup=True)
+    if dry_run:
+        _print_expansion(grid, opener, options, out)
+        return 0
+    if root.exists() and holds_grid(root) and not (options.resume or options.force):
+        raise MergeError(f"{root} already holds a grid: pass --resume to finish it or --force "
+                         "to redo every point")
+    root.mkdir(parents=True, exist_ok=True)
+    lock, warnings = acquire_lock(root, options.shard, options.break_lock)
+    for w in warnings:
+        err.print(f"[yellow]warning:[/yellow] {w}", markup=True)
+    try:
+        atomic_write(root / "grid.yml", grid.text)
+        log = ResultLog(root, options.shard)
+        for label, message in grid.invalid:
+            err.print(f"point {label}: {message}", markup=False)
+
+        def evaluate(rows: list[dict[str, Any]]) -> None:
+            _evaluate(root, [r for r in rows if r["status"] == "ok"], evals, log, err,
+                      merge_options)
+
+        run = run_grid(grid, root, merge_options, opener, options, log, on_pass=evaluate)
+        pending = [r for r in run.rows if r["status"] == "skipped" and r.get("metric") is None]
+        evaluate([{**r, "status": "ok"} for r in pending])
+        ran = {r["id"] for r in run.rows}             # this run's (or slice's) points
+        rows = [r for r in latest(read_results(root)).values() if r["id"] in ran]
+        _report(root, grid, rows, evals, out)
+        return EXIT_POINT_FAILED if _any_failed(rows) or grid.invalid else 0
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _any_failed(rows: list[dict[str, Any]]) -> bool:
+    return any(r.get("status") == "failed" or r.get("eval_error") for r in rows)
+
+
+def _evaluate(root: Path, rows: list[dict[str, Any]], evals: EvalOptions, log: ResultLog,
+              err: Console, merge_options: MergeOptions) -> None:
+    if evals.command is None and evals.ppl_file is None:
+        return
+    for row in rows:
+        folder = root / row["id"]
+        if evals.command is not None:
+            res = run_eval_command(evals.command, folder, row["id"], row["label"], cwd=root,
+                                   key=evals.key, timeout=evals.timeout)
+        else:
+            device = "cpu" if merge_options.device.type == "cpu" else str(merge_options.device)
+            res = perplexity_of(folder, evals.ppl_file, ctx=evals.ctx,
+                                max_tokens=evals.max_tokens, device=device)
+        if res.error:
+            err.print(f"eval of {row['label']}: {res.error}", markup=False)
+        log.record({**row, "metric": res.metric, "eval": res.fields, "eval_error": res.error})
+
+
+def _goal(evals: EvalOptions) -> str:
+    return evals.goal or ("min" if evals.ppl_file is not None else "max")
+
+
+def _report(root: Path, grid: Grid, rows: list[dict[str, Any]], evals: EvalOptions,
+            out: Console) -> None:
+    """results.csv (atomically) and the rich table, best metric first and in bold."""
+    order = {p.id: k for k, p in enumerate(grid.points)}
+    rows = sorted(rows, key=lambda r: order.get(r["id"], len(order)))
+    metrics = [r["metric"] for r in rows if isinstance(r.get("metric"), (int, float))
+               and math.isfinite(r["metric"])]
+    if metrics:
+        sign = 1 if _goal(evals) == "min" else -1
+        rows.sort(key=lambda r: (r.get("metric") is None, sign * (r.get("metric") or 0)))
+    best = (min(metrics) if _goal(evals) == "min" else max(metrics)) if metrics else None
+    atomic_write(root / "results.csv", csv_text(rows, grid.varied))
+    keys = short_keys(grid.varied)
+    table = Table(title=f"grid {grid.path.name} → {root}")
+    for col in ["id", "label", *[keys[p] for p in grid.varied], "status", "wall s", "peak MB",
+                "metric"]:
+        table.add_column(col)
+    for r in rows:
+        values = r.get("values") or {}
+        metric = r.get("metric")
+        shown = "" if metric is None else f"{metric:.6g}"
+        if best is not None and metric == best:
+            shown = f"[bold]{shown}[/bold]"
+        table.add_row(r["id"], r.get("label", ""), *[json.dumps(values.get(p)) for p in grid.varied],
+                      r["status"] + (" (eval failed)" if r.get("eval_error") else ""),
+                      "" if r.get("wall_s") is None else f"{r['wall_s']:.2f}",
+                      "" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f}", shown)
+    out.print(table)
+    counts = {s: sum(1 for r in rows if r["status"] == s) for s in ("ok", "failed", "skipped")}
+    out.print(f"{len(rows)} points: {counts['ok']} ok, {counts['failed']} failed, "
+              f"{counts['skipped']} skipped")
+
+
+def _print_expansion(grid: Grid, opener: SourceOpener, options: GridOptions, out: Console) -> None:
+    sources = SharedSources(opener)
+    try:
+        planned = plan_points(grid, sources)
+        valid = [p for p in planned if p.error is None]
+        passes = select_shard(group_passes(valid, options.pass_size), options.shard)
+        pass_of = {p.id: k for k, group in enumerate(passes, 1) for p in group}
+        table = Table(title=f"grid {grid.path.name} (dry run, nothing written)")
+        for col in ("id", "label", "pass", "status"):
+            table.add_column(col)
+        for p in planned:
+            table.add_row(p.id, p.point.label, str(pass_of.get(p.id, "-")),
+                          "invalid: " + p.error if p.error else "ok")
+        out.print(table)
+        est = max((p.plan.peak_memory_estimate(1 << 22) for p in valid), default=0)
+        out.print(f"{len(planned)} points in {len(passes)} pass(es); peak memory estimate "
+                  f"{est / 1e9 + 0.35:.2f} GB (one merge's peak; points of a pass share it)")
+    finally:
+        sources.close()

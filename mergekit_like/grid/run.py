@@ -1,0 +1,323 @@
+"""Running a grid (grid.md §2–§5, §7): plan every point, group the points that read the same
+inputs into passes, run each pass as one read (``engine.run_pass``), log every attempt.
+
+    OUT_ROOT/grid.yml, points.json, <id>/ (a complete merge output + grid_point.json),
+    .<id>.partial/ (only while it is written), results.jsonl (+ results.<i>-of-<n>.jsonl),
+    results.csv, .grid.lock
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from mergekit_like import __version__
+from mergekit_like.engine import MergeOptions, run_pass
+from mergekit_like.errors import MergeError
+from mergekit_like.grid.expand import Grid, GridPoint, partition
+from mergekit_like.grid.results import ResultLog, atomic_write
+from mergekit_like.io.source import CheckpointSource
+from mergekit_like.plan import MergePlan, SourceOpener, build_plan
+from mergekit_like.recipe import InputModel
+from mergekit_like.verify import verify_output
+
+POINT_FILE = "grid_point.json"
+
+
+@dataclass
+class GridOptions:
+    resume: bool = False
+    force: bool = False
+    skip_failed: bool = False
+    fail_fast: bool = False
+    pass_size: int = 16
+    shard: tuple[int, int] | None = None        # (i, n)
+    break_lock: bool = False
+
+
+@dataclass
+class PlannedPoint:
+    point: GridPoint
+    plan: MergePlan | None = None
+    error: str | None = None                    # invalid at plan time (phase B)
+    signature: tuple = ()
+
+    @property
+    def id(self) -> str:
+        return self.point.id
+
+
+@dataclass
+class GridRun:
+    """What ``run_grid`` did: the results written in this run, in point order."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return any(r["status"] == "failed" or r.get("eval_error") for r in self.rows)
+
+
+# ---- shared sources -----------------------------------------------------------------------------
+
+class SharedSources:
+    """One source per model reference for the whole grid: headers parsed once, Hub shards
+    downloaded once. ``close`` closes them all (plans of the grid never close sources)."""
+
+    def __init__(self, opener: SourceOpener):
+        self._opener = opener
+        self._open: dict[tuple, CheckpointSource] = {}
+
+    def __call__(self, inp: InputModel) -> CheckpointSource:
+        key = inp.ref.key
+        if key not in self._open:
+            self._open[key] = self._opener(inp)
+        src = self._open[key]
+        if getattr(src, "sha", None):
+            inp.ref.sha = src.sha
+        return src
+
+    def close(self) -> None:
+        for src in self._open.values():
+            src.close()
+        self._open.clear()
+
+
+def read_signature(plan: MergePlan) -> tuple:
+    """Points with equal signatures read the same tensors from the same sources in the same
+    order and lay out the same output shards: they can share a pass."""
+    return (tuple(id(s) for s in plan.sources), plan.base_pos,
+            tuple((o.name, tuple(o.shape), str(o.dtype)) for o in plan.outputs),
+            tuple((j.name, j.merge, tuple(j.participants)) for j in plan.jobs))
+
+
+def group_passes(points: list[PlannedPoint], pass_size: int) -> list[list[PlannedPoint]]:
+    """Consecutive runs of at most ``pass_size`` points per read signature, in first-seen order."""
+    groups: dict[tuple, list[PlannedPoint]] = {}
+    for p in points:
+        groups.setdefault(p.signature, []).append(p)
+    size = max(1, pass_size)
+    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
+def pass_cost(group: list[PlannedPoint]) -> float:
+    """Bytes read once + bytes written per point (grid.md §7)."""
+    plan = group[0].plan
+    assert plan is not None
+    written = sum(o.dtype.itemsize * _numel(o.shape) for o in plan.outputs)
+    return float(plan.read_bytes + len(group) * written)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+def plan_points(grid: Grid, sources: SharedSources) -> list[PlannedPoint]:
+    """Phase B for every point (headers only); an invalid point keeps its error."""
+    planned = []
+    for point in grid.points:
+        try:
+            plan = build_plan(point.recipe, sources)
+            planned.append(PlannedPoint(point, plan, None, read_signature(plan)))
+        except MergeError as exc:
+            planned.append(PlannedPoint(point, None, str(exc)))
+    return planned
+
+
+def select_shard(passes: list[list[PlannedPoint]], shard: tuple[int, int] | None
+                 ) -> list[list[PlannedPoint]]:
+    """The passes of slice i of n (deterministic; every pass in exactly one slice). When n
+    exceeds the passes, the largest are split into contiguous runs of points first."""
+    if shard is None:
+        return passes
+    i, n = shard
+    passes = list(passes)
+    while len(passes) < n and any(len(p) > 1 for p in passes):
+        big = max(range(len(passes)), key=lambda k: (len(passes[k]), -k))
+        half = (len(passes[big]) + 1) // 2
+        passes[big:big + 1] = [passes[big][:half], passes[big][half:]]
+    slices = partition([pass_cost(p) for p in passes], n)
+    return [passes[k] for k in sorted(slices[i])] if i < len(slices) else []
+
+
+def point_complete(root: Path, point: GridPoint) -> bool:
+    """Cheap verification of a finished point folder (grid.md §4): no data hashed."""
+    folder = root / point.id
+    try:
+        meta = json.loads((folder / POINT_FILE).read_text(encoding="utf-8"))
+        if meta.get("id") != point.id:
+            return False
+        if (folder / "mergekit_config.yml").read_text(encoding="utf-8") != point.text:
+            return False
+        verify_output(folder, read_data=False)
+    except (OSError, ValueError, MergeError):
+        return False
+    return True
+
+
+def run_grid(grid: Grid, root: Path, merge_options: MergeOptions, opener: SourceOpener,
+             options: GridOptions, log: ResultLog,
+             on_pass: Callable[[list[dict[str, Any]]], None] | None = None) -> GridRun:
+    """Run the grid's points into ``root``; returns this run's result rows."""
+    run = GridRun(warnings=list(grid.warnings))
+    sources = SharedSources(opener)
+    try:
+        planned = plan_points(grid, sources)
+        ids = [p.id for p in planned]
+        if len(set(ids)) != len(ids):
+            raise MergeError("two different grid points share an id prefix; rename nothing, "
+                             "report this (sha256 prefix collision)")
+        for p in planned:
+            if p.error is not None:
+                run.rows.append(log.record(_row(p, "failed", error=p.error)))
+        valid = [p for p in planned if p.error is None]
+        passes = select_shard(group_passes(valid, options.pass_size), options.shard)
+        _write_points_json(root, planned, passes)
+        previously_failed = log.failed_ids()
+        for number, group in enumerate(passes, 1):
+            todo: list[PlannedPoint] = []
+            for p in group:
+                _remove_partial(root, p.id)
+                if not options.force and point_complete(root, p.point):
+                    run.rows.append(log.record(_row(p, "skipped", pass_no=number,
+                                                    last=log.last_ok(p.id))))
+                elif options.skip_failed and p.id in previously_failed:
+                    continue
+                else:
+                    todo.append(p)
+            if todo:
+                rows = _run_one_pass(root, todo, number, merge_options, log)
+                run.rows.extend(rows)
+                if on_pass:
+                    on_pass(rows)
+                if options.fail_fast and any(r["status"] == "failed" for r in rows):
+                    break
+    finally:
+        sources.close()
+    return run
+
+
+def _run_one_pass(root: Path, group: list[PlannedPoint], number: int, options: MergeOptions,
+                  log: ResultLog) -> list[dict[str, Any]]:
+    started = _now()
+    t0 = time.perf_counter()
+    plans = [p.plan for p in group]
+    extra = [{POINT_FILE: json.dumps({"id": p.id, "label": p.point.label,
+                                      "values": p.point.values,
+                                      "resolved": p.point.recipe.resolved()},
+                                     indent=2, default=str) + "\n"} for p in group]
+    from dataclasses import replace
+    results = run_pass(plans, [root / p.id for p in group],
+                       replace(options, overwrite=True, resume=False), extra_files=extra)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rows = []
+    for p, res in zip(group, results):
+        error = None if not isinstance(res, BaseException) else _one_line(res)
+        rows.append(log.record(_row(p, "failed" if error else "ok", error=error, pass_no=number,
+                                    wall_s=wall / len(group), pass_wall_s=wall,
+                                    peak_rss_mb=peak, started_at=started)))
+    return rows
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split("\n"))
+
+
+def _row(p: PlannedPoint, status: str, *, error: str | None = None, pass_no: int | None = None,
+         wall_s: float | None = None, pass_wall_s: float | None = None,
+         peak_rss_mb: float | None = None, started_at: str | None = None,
+         last: dict[str, Any] | None = None) -> dict[str, Any]:
+    recipe = p.point.recipe
+    row = {
+        "id": p.id, "label": p.point.label, "values": p.point.values, "status": status,
+        "wall_s": wall_s, "peak_rss_mb": peak_rss_mb, "peak_gpu_mb": None, "pass": pass_no,
+        "pass_wall_s": pass_wall_s, "metric": None, "eval": None, "eval_error": None,
+        "error": error,
+        "inputs": {inp.ref.display: (inp.ref.sha or inp.ref.revision or "local")
+                   for inp in recipe.inputs},
+        "started_at": started_at or _now(), "finished_at": _now(),
+        "tool_version": __version__, "shard": None, "host": socket.gethostname(),
+    }
+    if last:  # a skipped point keeps the metric of its last ok run
+        for key in ("metric", "eval", "wall_s", "peak_rss_mb"):
+            row[key] = last.get(key)
+    return row
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _remove_partial(root: Path, pid: str) -> None:
+    import shutil
+
+    partial = root / f".{pid}.partial"
+    if partial.exists():
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _write_points_json(root: Path, planned: list[PlannedPoint],
+                       passes: list[list[PlannedPoint]]) -> None:
+    pass_of = {p.id: k for k, group in enumerate(passes, 1) for p in group}
+    doc = {p.id: {"label": p.point.label, "values": p.point.values, "pass": pass_of.get(p.id)}
+           for p in planned}
+    atomic_write(root / "points.json", json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def lock_path(root: Path, shard: tuple[int, int] | None) -> Path:
+    return root / (".grid.lock" if shard is None else f".grid.{shard[0]}-of-{shard[1]}.lock")
+
+
+def acquire_lock(root: Path, shard: tuple[int, int] | None, break_lock: bool) -> tuple[Path, list[str]]:
+    """Create the grid lock exclusively (grid.md §4); returns it and any warning."""
+    path = lock_path(root, shard)
+    host = socket.gethostname()
+    warnings: list[str] = []
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                held = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                held = {}
+            if held.get("host") == host and _alive(held.get("pid")):
+                raise MergeError(f"{root}: another grid run (pid {held.get('pid')}) holds "
+                                 f"{path.name}") from None
+            if held.get("host") not in (None, host) and not break_lock:
+                raise MergeError(f"{root}: {path.name} is held by {held.get('host')} (pass "
+                                 "--break-lock if that run is dead)") from None
+            warnings.append(f"removed a stale lock {path.name} (pid {held.get('pid')})")
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"pid": os.getpid(), "host": host, "started": _now()}, fh)
+        return path, warnings
+    raise MergeError(f"{root}: cannot take {path.name}")
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
