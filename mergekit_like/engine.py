@@ -57,6 +57,8 @@ class MergeOptions:
     workers: int = 1
     """Threads a ``Method.span_parallel`` operator splits each tensor over (run_merge sets it
     from the CPU's threads)."""
+    memo: dict | None = None
+    """Set by ``run_pass`` per tensor, shared by its points (``TensorTask.memo``)."""
 
 
 @dataclass
@@ -183,10 +185,12 @@ def _stream(points: list[_Point], options: MergeOptions, progress: Progress | No
     reads = read_ahead(iter(jobs), lambda j: read_job(lead.plan, j, options),
                        size=lambda j: j.read_bytes(lead.plan), budget=options.read_ahead_bytes)
     for job, inputs in reads:
+        memo: dict = {}  # what the points may share for this tensor (Method docs say what)
         for pt in points:
             if pt.error is None:
                 _guard(pt, isolate, lambda pt=pt, inputs=inputs: _merge_and_submit(
-                    pt, pt.jobs[job.name], inputs, options, progress if pt is lead else None))
+                    pt, pt.jobs[job.name], inputs, replace(options, memo=memo),
+                    progress if pt is lead else None))
         del inputs  # before the next read starts: at most two jobs' inputs in memory
 
 
@@ -355,6 +359,7 @@ def merge_job(plan: MergePlan, job: TensorJob, inputs: JobInputs,
         block_elems=options.block_elems,
         device=device,
         workers=options.workers,
+        memo=options.memo,
     )
     outputs = plan.method.merge(task)
     for spec in job.outputs:

@@ -214,3 +214,28 @@ def test_sigkill_mid_grid_then_resume_is_bit_identical(tmp_path):
     assert not list(root.glob(".*.partial")) and not (root / ".grid.lock").exists()
     last = {r["id"]: r for r in results(root)}
     assert sum(r["status"] == "skipped" for r in last.values()) == done_before
+
+
+def test_ties_points_of_a_pass_share_thresholds(family, tmp_path, capsys, monkeypatch):
+    """A λ sweep computes each model's TIES threshold once per tensor, not once per point,
+    and every point still equals its standalone merge (checked above for the same code)."""
+    from mergekit_like.methods import ties
+
+    made: Counter = Counter()
+    real = ties.MagnitudeTrim.__init__
+
+    def counting(self, task, pos, density, scratch):
+        made[(task.name, pos)] += 1
+        real(self, task, pos, density, scratch)
+
+    monkeypatch.setattr(ties.MagnitudeTrim, "__init__", counting)
+    path = grid_file(tmp_path, family, grid={"parameters.lambda": [0.5, 0.8, 1.0]}, zip=None)
+    code, _, err = run_cli(["grid", path, tmp_path / "root"], capsys)
+    assert code == 0, err
+    assert made and set(made.values()) == {1}
+    made.clear()
+    code, _, err = run_cli(["grid", path, tmp_path / "solo", "--pass-size", "1"], capsys)
+    assert code == 0, err
+    assert set(made.values()) == {3}
+    assert {d.name: weights(d) for d in point_dirs(tmp_path / "root")} == \
+        {d.name: weights(d) for d in point_dirs(tmp_path / "solo")}

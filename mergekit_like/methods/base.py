@@ -104,6 +104,9 @@ class TensorTask:
     workers: int = 1
     """Threads an operator may split its pieces over (``tiling.spans``); the engine sets it
     on CPU for ``Method.span_parallel`` methods and runs torch ops single-threaded then."""
+    memo: dict | None = None
+    """Shared by the points of a grid pass for this tensor only: operators may cache results
+    that depend on the inputs and their own key alone (TIES thresholds), never the output."""
 
     @property
     def numel(self) -> int:

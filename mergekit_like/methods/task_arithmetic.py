@@ -145,6 +145,8 @@ class TaskVectorMethod(Method):
     consensus = False
     span_parallel = True
     sparsifies = True
+    sparsifier_kind: str | None = None
+    """Names what ``make_sparsifier`` computes, so grid points can share it (None: never)."""
     """False: ``density`` is accepted but ignored (task_arithmetic)."""
 
     def make_sparsifier(self, task: TensorTask, pos: int, density: float,
@@ -217,7 +219,14 @@ class TaskVectorMethod(Method):
     def _sparsifier(self, task: TensorTask, pos: int, density: float) -> Sparsifier | None:
         if not 0.0 < density < 1.0:
             return None
-        return self.make_sparsifier(task, pos, density, Scratch(task.compute_dtype, task.device))
+        key = (self.sparsifier_kind, task.input_indices[pos], density, task.seed,
+               task.compute_dtype, task.load_dtype)
+        if task.memo is not None and key in task.memo:  # another point of the grid pass
+            return task.memo[key]
+        made = self.make_sparsifier(task, pos, density, Scratch(task.compute_dtype, task.device))
+        if task.memo is not None and self.sparsifier_kind is not None:
+            task.memo[key] = made
+        return made
 
     def _l1_factors(self, task: TensorTask, xs: list[torch.Tensor],
                     sparsifiers: list[Sparsifier | None]) -> list[float | None]:

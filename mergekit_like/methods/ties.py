@@ -330,6 +330,7 @@ class Ties(TaskVectorMethod):
         needs_base=True,
     )
     consensus = True
+    sparsifier_kind = "magnitude_trim"
 
     def check_tensor_params(self, name, model_params, params):
         if params.get("trim_scope", "tensor") == "model":
