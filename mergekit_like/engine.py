@@ -185,7 +185,8 @@ def _stream(points: list[_Point], options: MergeOptions, progress: Progress | No
     reads = read_ahead(iter(jobs), lambda j: read_job(lead.plan, j, options),
                        size=lambda j: j.read_bytes(lead.plan), budget=options.read_ahead_bytes)
     for job, inputs in reads:
-        memo: dict = {}  # what the points may share for this tensor (Method docs say what)
+        alive = sum(pt.error is None for pt in points)
+        memo = {} if alive > 1 else None  # what points may share for this tensor (TensorTask.memo)
         for pt in points:
             if pt.error is None:
                 _guard(pt, isolate, lambda pt=pt, inputs=inputs: _merge_and_submit(

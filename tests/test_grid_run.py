@@ -217,8 +217,8 @@ def test_sigkill_mid_grid_then_resume_is_bit_identical(tmp_path):
 
 
 def test_ties_points_of_a_pass_share_thresholds(family, tmp_path, capsys, monkeypatch):
-    """A λ sweep computes each model's TIES threshold once per tensor, not once per point,
-    and every point still equals its standalone merge (checked above for the same code)."""
+    """A λ sweep computes each model's TIES threshold and the merged Δ once per tensor, not
+    once per point, and gives the same bytes as points run one per pass."""
     from mergekit_like.methods import ties
 
     made: Counter = Counter()
@@ -229,13 +229,20 @@ def test_ties_points_of_a_pass_share_thresholds(family, tmp_path, capsys, monkey
         real(self, task, pos, density, scratch)
 
     monkeypatch.setattr(ties.MagnitudeTrim, "__init__", counting)
+    from mergekit_like.methods import task_arithmetic as ta
+    deltas: list[int] = []
+    real_delta = ta.merged_delta
+    monkeypatch.setattr(ta, "merged_delta", lambda *a, **k: deltas.append(1) or real_delta(*a, **k))
     path = grid_file(tmp_path, family, grid={"parameters.lambda": [0.5, 0.8, 1.0]}, zip=None)
     code, _, err = run_cli(["grid", path, tmp_path / "root"], capsys)
     assert code == 0, err
     assert made and set(made.values()) == {1}
+    shared = len(deltas)                          # Δ computed for the first point only
     made.clear()
+    deltas.clear()
     code, _, err = run_cli(["grid", path, tmp_path / "solo", "--pass-size", "1"], capsys)
     assert code == 0, err
     assert set(made.values()) == {3}
+    assert len(deltas) == 3 * shared
     assert {d.name: weights(d) for d in point_dirs(tmp_path / "root")} == \
         {d.name: weights(d) for d in point_dirs(tmp_path / "solo")}

@@ -18,6 +18,7 @@ rescaling) and is subclassed by ``ties.py`` and ``dare.py``.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, Protocol, Sequence
 
@@ -27,6 +28,9 @@ from mergekit_like.errors import MergeError
 from mergekit_like.methods.base import REQUIRED, Method, MethodSpec, ParamSpec, TensorTask
 from mergekit_like.methods.tiling import (Scratch, buffer, copy_of, exact_total, pieces,
                                           present, row_elems, row_sums, run_parallel, spans)
+
+DELTA_MEMO_BYTES = 256 * 10**6
+"""Most bytes of Δ a grid pass keeps per tensor for points that differ only in λ."""
 
 L1_EPS = 1e-7
 """"l1" rescale: r = 1 when ‖δ‖₁ or ‖δ̂‖₁ is below this."""
@@ -95,6 +99,33 @@ def sign_consensus(weighted: Sequence[torch.Tensor | None], weights: Sequence[fl
     return acc.mul_(votes)
 
 
+def merged_delta(weighted: Sequence[torch.Tensor | None], weights: Sequence[float], *,
+                 consensus: bool, normalize: bool,
+                 scratch: Scratch | None = None) -> torch.Tensor | None:
+    """Δ of operators.md §2 (÷ D when normalize) from the W_i = w_i·δ̂_i, before λ; None when
+    every term is None. The W_i buffers are consumed; Δ may live in one of them."""
+    if consensus:
+        return sign_consensus(weighted, weights, normalize, scratch)
+    delta = weighted_sum(weighted)
+    if delta is not None and normalize:
+        denom = sum(float(c) for c in weights)
+        delta.div_(1.0 if abs(denom) < 1e-8 else denom)
+    return delta
+
+
+def apply_delta(base: torch.Tensor, delta: torch.Tensor | None, lam: float,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """out = b + λ·Δ (b itself when Δ is None); Δ is scaled in place. ``out`` may be of another
+    dtype (one cast); without it the result may live in Δ's buffer."""
+    if delta is None:
+        return base.clone() if out is None else out.copy_(base)
+    if lam != 1.0:
+        delta.mul_(lam)
+    if out is None:
+        return delta.add_(base)
+    return torch.add(delta, base, out=out)
+
+
 def combine_task_vectors(base: torch.Tensor, weighted: Sequence[torch.Tensor | None],
                          weights: Sequence[float], *, consensus: bool, normalize: bool,
                          lam: float, out: torch.Tensor | None = None,
@@ -106,20 +137,9 @@ def combine_task_vectors(base: torch.Tensor, weighted: Sequence[torch.Tensor | N
     buffers are consumed; the result is written to ``out`` when given (it may be of another
     dtype: one cast), else it may live in one of them.
     """
-    if consensus:
-        delta = sign_consensus(weighted, weights, normalize, scratch)
-    else:
-        delta = weighted_sum(weighted)
-        if delta is not None and normalize:
-            denom = sum(float(c) for c in weights)
-            delta.div_(1.0 if abs(denom) < 1e-8 else denom)
-    if delta is None:
-        return base.clone() if out is None else out.copy_(base)
-    if lam != 1.0:
-        delta.mul_(lam)
-    if out is None:
-        return delta.add_(base)
-    return torch.add(delta, base, out=out)
+    delta = merged_delta(weighted, weights, consensus=consensus, normalize=normalize,
+                         scratch=scratch)
+    return apply_delta(base, delta, lam, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,9 +204,27 @@ class TaskVectorMethod(Method):
         out = task.empty_output()
         flat_out = out.view(-1)
         same_dtype = out.dtype == task.compute_dtype
+        # Grid points of a pass that differ only in λ share Δ (kept for this tensor only)
+        key = ("delta", self.spec.name, self.consensus, normalize, tuple(weights),
+               tuple(densities), str(rescale), tuple(task.input_indices[p] for p in models),
+               task.seed, task.compute_dtype, task.load_dtype)
+        shared = task.memo.get(key) if task.memo is not None else None
+        keep = None
+        if shared is None and task.memo is not None and \
+                task.memo.get("delta_bytes", 0) + task.numel * 4 <= DELTA_MEMO_BYTES:
+            keep = torch.empty(task.numel, dtype=task.compute_dtype, device=task.device)
 
         def merge_span(span: tuple[int, int]) -> None:
             scratch = Scratch(task.compute_dtype, task.device)
+            if shared is not None:
+                for off, (b,) in pieces(task, [task.base], span=span):
+                    n = b.numel()
+                    delta = scratch.get("delta", n).copy_(shared[off:off + n])
+                    target = flat_out[off:off + n]
+                    res = apply_delta(b, delta, lam, target if same_dtype else None)
+                    if not same_dtype:
+                        target.copy_(res)
+                return
             for off, (b, *parts) in pieces(task, [task.base, *xs], span=span):
                 n = b.numel()
                 weighted: list[torch.Tensor | None] = []
@@ -207,13 +245,21 @@ class TaskVectorMethod(Method):
                         buf.mul_(weights[j])
                     weighted.append(buf)
                 target = flat_out[off:off + n]
-                res = combine_task_vectors(b, weighted, weights, consensus=self.consensus,
-                                           normalize=normalize, lam=lam,
-                                           out=target if same_dtype else None, scratch=scratch)
+                delta = merged_delta(weighted, weights, consensus=self.consensus,
+                                     normalize=normalize, scratch=scratch)
+                if keep is not None:
+                    if delta is None:
+                        keep[off:off + n].fill_(math.nan)   # marks "no Δ": never shared
+                    else:
+                        keep[off:off + n].copy_(delta)
+                res = apply_delta(b, delta, lam, target if same_dtype else None)
                 if not same_dtype:
                     target.copy_(res)
 
         run_parallel([partial(merge_span, span) for span in spans(task)], task.workers)
+        if keep is not None and not torch.isnan(keep).any():
+            task.memo[key] = keep
+            task.memo["delta_bytes"] = task.memo.get("delta_bytes", 0) + keep.numel() * 4
         return out
 
     def _sparsifier(self, task: TensorTask, pos: int, density: float) -> Sparsifier | None:
