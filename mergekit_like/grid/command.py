@@ -86,6 +86,8 @@ def grid_main(grid_path: Path, root: Path, merge_options: MergeOptions, opener: 
                       merge_options)
 
         run = run_grid(grid, root, merge_options, opener, options, log, on_pass=evaluate)
+        for w in run.warnings[len(grid.warnings):]:
+            err.print(f"[yellow]warning:[/yellow] {w}", markup=True)
         pending = [r for r in run.rows if r["status"] == "skipped" and r.get("metric") is None]
         evaluate([{**r, "status": "ok"} for r in pending])
         ran = {r["id"] for r in run.rows}             # this run's (or slice's) points

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -175,11 +176,7 @@ def run_grid(grid: Grid, root: Path, merge_options: MergeOptions, opener: Source
     run = GridRun(warnings=list(grid.warnings))
     sources = SharedSources(opener)
     try:
-        planned = plan_points(grid, sources)
-        ids = [p.id for p in planned]
-        if len(set(ids)) != len(ids):
-            raise MergeError("two different grid points share an id prefix; rename nothing, "
-                             "report this (sha256 prefix collision)")
+        planned = _unique(plan_points(grid, sources), run.warnings)
         for p in planned:
             if p.error is not None:
                 run.rows.append(log.record(_row(p, "failed", error=p.error)))
@@ -210,6 +207,25 @@ def run_grid(grid: Grid, root: Path, merge_options: MergeOptions, opener: Source
     return run
 
 
+def _unique(planned: list[PlannedPoint], warnings: list[str]) -> list[PlannedPoint]:
+    """Points that became equal once Hub revisions were pinned (org/a@main and org/a@<sha>)
+    run once; different recipes sharing a 12-digit id are an error."""
+    seen: dict[str, PlannedPoint] = {}
+    out = []
+    for p in planned:
+        first = seen.get(p.id)
+        if first is None:
+            seen[p.id] = p
+            out.append(p)
+        elif first.point.recipe.resolved_json() == p.point.recipe.resolved_json():
+            warnings.append(f"points '{first.point.label}' and '{p.point.label}' pin to the same "
+                            f"recipe; '{p.point.label}' is merged into it")
+        else:
+            raise MergeError(f"points '{first.point.label}' and '{p.point.label}' share the id "
+                             f"{p.id} (a sha256 prefix collision); change one of them")
+    return out
+
+
 def _run_one_pass(root: Path, group: list[PlannedPoint], number: int, options: MergeOptions,
                   log: ResultLog) -> list[dict[str, Any]]:
     started = _now()
@@ -219,7 +235,6 @@ def _run_one_pass(root: Path, group: list[PlannedPoint], number: int, options: M
                                       "values": p.point.values,
                                       "resolved": p.point.recipe.resolved()},
                                      indent=2, default=str) + "\n"} for p in group]
-    from dataclasses import replace
     results = run_pass(plans, [root / p.id for p in group],
                        replace(options, overwrite=True, resume=False), extra_files=extra)
     wall = time.perf_counter() - t0
@@ -264,8 +279,6 @@ def _now() -> str:
 
 
 def _remove_partial(root: Path, pid: str) -> None:
-    import shutil
-
     partial = root / f".{pid}.partial"
     if partial.exists():
         shutil.rmtree(partial, ignore_errors=True)
