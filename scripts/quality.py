@@ -1,0 +1,54 @@
+"""Merge quality on the zoo: held-out accuracy of the base, each fine-tune and each merge method.
+
+    python scripts/quality.py [--fast] [--zoo DIR] [--seeds S ...] [--work DIR] [--jobs N]
+                              [--device D]
+
+Builds or reuses the zoos (see scripts/zoo.py), merges each zoo's skill-task fine-tunes with every
+method of ``mergekit_like.zoo.quality.METHODS`` through the ``merge`` command, picks each method's
+hyper-parameters on that zoo's validation split, and prints a markdown table of test accuracy
+averaged over the zoos (stdout; progress on stderr). Merged models go to --work (default: a
+temporary folder, removed afterwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mergekit_like.zoo import PRESETS, Zoo
+from mergekit_like.zoo.build import build_zoos, seed_dir, to_stderr
+from mergekit_like.zoo.quality import format_table, run_quality
+from mergekit_like.zoo.script_args import add_zoo_arguments, zoo_request
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_zoo_arguments(parser, "--zoo")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the merged models here (default: a temporary folder)")
+    parser.add_argument("--device", default="auto", help="evaluation device: auto, cpu, cuda[:N]")
+    args = parser.parse_args(argv)
+    preset, folder, seeds = zoo_request(args, REPO)
+    manifests = build_zoos(folder, PRESETS[preset], seeds, jobs=args.jobs, log=to_stderr)
+    zoos = [Zoo.open(seed_dir(folder, s)) for s in seeds]
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="zoo-quality-") as tmp:
+        report = run_quality(zoos, args.work or Path(tmp), device=args.device, log=to_stderr)
+    built = ", ".join(f"seed {s}: {m['settings_hash']}, built in {m['build_seconds']:.0f} s"
+                      for s, m in zip(seeds, manifests))
+    print(f"{preset} zoo ({built})\n")
+    print(format_table(report))
+    to_stderr(f"quality: {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
