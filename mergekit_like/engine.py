@@ -18,10 +18,8 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 
@@ -29,6 +27,7 @@ from mergekit_like import __version__
 from mergekit_like.dtypes import all_finite
 from mergekit_like.errors import MergeError
 from mergekit_like.io.output import OutputFolder
+from mergekit_like.io.read_ahead import read_ahead
 from mergekit_like.io.shards import INDEX_FILE, ShardPlan, index_text, plan_shards
 from mergekit_like.io.side_files import (copy_side_files, main_dtype_name, model_card,
                                          updated_config)
@@ -38,8 +37,6 @@ from mergekit_like.plan import MergePlan, SourceOpener, TensorJob, build_plan
 from mergekit_like.recipe import Recipe
 from mergekit_like.verify import verify_output
 
-T = TypeVar("T")
-R = TypeVar("R")
 MASK_SCHEME = "splitmix64-v1"
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
@@ -272,31 +269,6 @@ def _jobs_in_write_order(plan: MergePlan, names: Iterable[str]) -> Iterator[Tens
         if id(job) not in seen:
             seen.add(id(job))
             yield job
-
-
-def read_ahead(jobs: Iterator[T], read: Callable[[T], R], size: Callable[[T], int] | None = None,
-               budget: int | None = None) -> Iterator[tuple[T, R]]:
-    """Yield (job, read(job)) while the next job's read runs in a background thread.
-
-    At most two jobs' inputs exist at once (the one yielded and the one being read; the
-    consumer drops its reference before asking for the next). When the two together exceed
-    ``budget`` bytes (``size(job)``), the next read waits until the consumer is done with the
-    current job: huge tensors (embeddings) are not overlapped, which keeps peak memory at about
-    one such tensor's inputs."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergekit-like-read") as pool:
-        current = next(jobs, None)
-        future = pool.submit(read, current) if current is not None else None
-        while current is not None:
-            result = future.result()
-            nxt = next(jobs, None)
-            overlap = nxt is not None and not (
-                size and budget and size(current) + size(nxt) > budget)
-            future = pool.submit(read, nxt) if overlap else None
-            yield current, result
-            del result
-            if nxt is not None and future is None:
-                future = pool.submit(read, nxt)
-            current = nxt
 
 
 # ---- read ---------------------------------------------------------------------------------

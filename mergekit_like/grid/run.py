@@ -24,6 +24,7 @@ from mergekit_like.engine import MergeOptions, run_pass
 from mergekit_like.errors import MergeError
 from mergekit_like.grid.expand import Grid, GridPoint, partition
 from mergekit_like.grid.results import ResultLog, atomic_write
+from mergekit_like.io.output import pid_alive
 from mergekit_like.io.source import CheckpointSource
 from mergekit_like.plan import MergePlan, SourceOpener, build_plan
 from mergekit_like.recipe import InputModel
@@ -309,7 +310,8 @@ def acquire_lock(root: Path, shard: tuple[int, int] | None, break_lock: bool) ->
                 held = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 held = {}
-            if held.get("host") == host and _alive(held.get("pid")):
+            if held.get("host") == host and isinstance(held.get("pid"), int) \
+                    and pid_alive(held["pid"]):
                 raise MergeError(f"{root}: another grid run (pid {held.get('pid')}) holds "
                                  f"{path.name}") from None
             if held.get("host") not in (None, host) and not break_lock:
@@ -322,15 +324,3 @@ def acquire_lock(root: Path, shard: tuple[int, int] | None, break_lock: bool) ->
             json.dump({"pid": os.getpid(), "host": host, "started": _now()}, fh)
         return path, warnings
     raise MergeError(f"{root}: cannot take {path.name}")
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -69,7 +69,8 @@ def _tree_bytes(path: Path) -> int:
     return total
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """A live process with this pid on this host (zombies count as dead)."""
     if pid <= 0:
         return False
     if pid == os.getpid():
@@ -255,7 +256,7 @@ class OutputFolder:
                         continue
                     held = age < _FRESH_LOCK_S
                 else:
-                    held = _pid_alive(pid)
+                    held = pid_alive(pid)
                 if held:
                     who = f"process {pid}" if pid is not None else "another process"
                     raise MergeError(f"output {self.out} is locked by {who} ({self.lock_path}); "
