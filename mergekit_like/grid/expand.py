@@ -24,7 +24,7 @@ from mergekit_like.errors import MergeError
 from mergekit_like.grid.paths import (PLACEHOLDER_RE, RESERVED, PathError, get_path, make_label,
                                       matches, overlaps, parse_path, set_path, short_keys)
 from mergekit_like.recipe.model import Recipe
-from mergekit_like.recipe.validate import build_recipe
+from mergekit_like.recipe.validate import build_recipe, read_text_file
 from mergekit_like.recipe.yaml_lines import Locator, load_yaml
 
 MAX_POINTS = 100_000
@@ -323,17 +323,7 @@ def load_grid(path: str | Path, *, seed: int | None = None, strict: bool = True,
               methods: Mapping[str, Any] | None = None) -> Grid:
     """Read, expand and validate a grid file (a plain recipe is a grid of one point)."""
     display = str(path)
-    try:
-        with open(path, encoding="utf-8", newline="") as fh:
-            text = fh.read()
-    except FileNotFoundError:
-        raise MergeError(f"{display}: grid file not found") from None
-    except IsADirectoryError:
-        raise MergeError(f"{display}: is a folder, not a grid file") from None
-    except UnicodeDecodeError as exc:
-        raise MergeError(f"{display}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise MergeError(f"{display}: cannot read the grid file ({exc.strerror or exc})") from None
+    text = read_text_file(path, "grid")
     return load_grid_text(text, display, path=Path(path), seed=seed, strict=strict,
                           methods=methods)
 

@@ -353,6 +353,23 @@ def load_recipe_text(text: str, display: str = "recipe.yml", *, path: str | Path
                         seed=seed, methods=methods)
 
 
+def read_text_file(path: str | Path, kind: str) -> str:
+    """A UTF-8 file's text (newlines kept); a missing, unreadable or non-UTF-8 file is a
+    one-line MergeError naming it and what it should be (``kind``: "recipe", "grid")."""
+    display = str(path)
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise MergeError(f"{display}: {kind} file not found") from None
+    except IsADirectoryError:
+        raise MergeError(f"{display}: is a folder, not a {kind} file") from None
+    except UnicodeDecodeError as exc:
+        raise MergeError(f"{display}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise MergeError(f"{display}: cannot read the {kind} file ({exc.strerror or exc})") from None
+
+
 def load_recipe(path: str | Path, *, seed: int | None = None,
                 methods: Mapping[str, Any] | None = None) -> Recipe:
     """Read and validate a recipe file (phase A of recipe.md §6); raises MergeError.
@@ -361,15 +378,5 @@ def load_recipe(path: str | Path, *, seed: int | None = None,
     names to Method instances or MethodSpecs (None: not implemented yet) in place of the registry.
     """
     display = str(path)
-    try:
-        with open(path, encoding="utf-8", newline="") as fh:
-            text = fh.read()
-    except FileNotFoundError:
-        raise MergeError(f"{display}: recipe file not found") from None
-    except IsADirectoryError:
-        raise MergeError(f"{display}: is a folder, not a recipe file") from None
-    except UnicodeDecodeError as exc:
-        raise MergeError(f"{display}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise MergeError(f"{display}: cannot read the recipe ({exc.strerror or exc})") from None
+    text = read_text_file(path, "recipe")
     return load_recipe_text(text, display, path=Path(path), seed=seed, methods=methods)
