@@ -183,7 +183,7 @@ def eval_model(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Evaluate MODEL on the examples of --data: perplexity or per-task accuracy (float32)."""
-    from mergekit_like.runtime import evaluate_accuracy, evaluate_perplexity, load_model, read_examples
+    from mergekit_like.runtime import evaluate_accuracy, evaluate_perplexity, read_examples
     from mergekit_like.runtime.model import require_transformers
 
     if metric not in ("ppl", "acc"):
@@ -194,7 +194,7 @@ def eval_model(
         raise MergeError(f"{data}: no such data file")
     require_transformers().utils.logging.disable_progress_bar()  # ours is on stderr below
     with err_console.status(f"loading {model} …") if not quiet else nullcontext():
-        loaded = load_model(model, device=device)
+        loaded = _load_for_eval(model, device)
     examples = read_examples(data, loaded.tokenizer)
     if metric == "acc":
         examples = [ex for ex in examples if ex.answer_ids]
@@ -216,6 +216,17 @@ def eval_model(
         print_perplexity(model, len(examples), result)
     else:
         print_accuracy(model, examples, scores)
+
+
+def _load_for_eval(model: Path, device: str):
+    """A Twin bundle loads routed per sample (runtime/twin.py); anything else as a plain model."""
+    from mergekit_like.runtime import load_model
+    from mergekit_like.twin.bundle import is_bundle
+
+    if is_bundle(model):
+        from mergekit_like.runtime.twin import load_twin
+        return load_twin(model, device=device)
+    return load_model(model, device=device)
 
 
 @app.command()
@@ -281,6 +292,13 @@ def grid(
 def version() -> None:
     """Print the version."""
     out_console.print(__version__)
+
+
+from mergekit_like.cli_router import train_router  # noqa: E402 - after app is defined
+from mergekit_like.cli_twin import twin_app  # noqa: E402
+
+app.add_typer(twin_app, name="twin")
+app.command(name="train-router")(train_router)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,9 +19,9 @@ def fmt_bytes(n: int) -> str:
 
 
 def print_plan(plan, out: Path, options) -> None:
-    from mergekit_like.io.shards import plan_shards
+    from mergekit_like.engine import plan_files
 
-    shards = plan_shards(plan.outputs, options.out_shard_bytes)
+    shards = [s for group in plan_files(plan, options.out_shard_bytes).values() for s in group]
     table = Table(title=f"merge plan: {plan.recipe.merge_method} → {out}  (dry run, nothing written)")
     table.add_column("input")
     table.add_column("role")

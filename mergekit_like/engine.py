@@ -17,6 +17,7 @@ import errno
 import hashlib
 import json
 import math
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,11 +29,11 @@ from mergekit_like.dtypes import all_finite
 from mergekit_like.errors import MergeError
 from mergekit_like.io.output import OutputFolder
 from mergekit_like.io.read_ahead import read_ahead
-from mergekit_like.io.shards import INDEX_FILE, ShardPlan, index_text, plan_shards
+from mergekit_like.io.shards import ShardPlan, index_filename, index_text, plan_shards
 from mergekit_like.io.side_files import (copy_side_files, main_dtype_name, model_card,
                                          updated_config)
 from mergekit_like.io.writer import AsyncShardWriter, iter_write_order
-from mergekit_like.methods.base import TensorTask
+from mergekit_like.methods.base import TensorTask, output_key
 from mergekit_like.plan import MergePlan, SourceOpener, TensorJob, build_plan
 from mergekit_like.recipe import Recipe
 from mergekit_like.verify import verify_output
@@ -121,7 +122,8 @@ def run_pass(plans: list[MergePlan], outs: list[Path], options: MergeOptions,
     finally:
         torch.set_num_threads(threads)
     return [pt.error if pt.error is not None else
-            MergeResult(pt.out, pt.shards, pt.done, pt.plan.warnings + list(pt.folder.warnings))
+            MergeResult(pt.out, pt.groups[""], pt.done,
+                        pt.plan.warnings + list(pt.folder.warnings))
             for pt in points]
 
 
@@ -131,30 +133,53 @@ class _Point:
 
     plan: MergePlan
     out: Path
-    shards: list[ShardPlan]
+    groups: dict[str, list[ShardPlan]]  # output group ("" = the model) -> its shards
     folder: OutputFolder
-    writer: AsyncShardWriter
+    writers: list[tuple[AsyncShardWriter, deque[str]]]  # per group: writer, names it still needs
     done: set[str]                      # shard files finished by an earlier run (resume)
     skipped: set[str]                   # their tensors
     jobs: dict[str, TensorJob]
     threads: tuple[int, int]            # (torch threads, operator workers) for its method
+    reports: dict[str, dict] = field(default_factory=dict)  # tensor -> TensorTask.report
     pending: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict[str, str] = field(default_factory=dict)
     error: BaseException | None = None
 
+    @property
+    def shards(self) -> list[ShardPlan]:
+        return [s for shards in self.groups.values() for s in shards]
+
+
+def plan_files(plan: MergePlan, shard_bytes: int) -> dict[str, list[ShardPlan]]:
+    """The shards of every output group (``OutputSpec.group``), the model's ("") first. Other
+    groups list their tensors in the order the jobs run (the model's write order), so every
+    group's writer receives its tensors in its own planned order."""
+    main = plan_shards([o for o in plan.outputs if not o.group], shard_bytes)
+    others: dict[str, list] = {}
+    for job in _jobs_in_write_order(plan, iter_write_order(main)):
+        for o in job.outputs:
+            if o.group:
+                others.setdefault(o.group, []).append(o)
+    return {"": main, **{g: plan_shards(specs, shard_bytes, g) for g, specs in others.items()}}
+
 
 def _open_point(plan: MergePlan, out: Path, options: MergeOptions, n_points: int) -> _Point:
-    """Plan the output's shard layout and resume key, open its folder and writer."""
-    shards = plan_shards(plan.outputs, options.out_shard_bytes)
+    """Plan the output's shard layout and resume key, open its folder and writers."""
+    groups = plan_files(plan, options.out_shard_bytes)
+    shards = [s for g in groups.values() for s in g]
     folder = OutputFolder(out, overwrite=options.overwrite, resume=options.resume,
                           resume_key=resume_key(plan, shards, options),
                           planned_bytes=sum(s.file_size for s in shards), plans=shards)
     done = folder.prepare()
-    writer = AsyncShardWriter(folder, shards, skip=done,
-                              max_queue_bytes=max(1, options.read_ahead_bytes // n_points))
-    return _Point(plan, out, shards, folder, writer, done,
-                  {t.name for s in shards if s.filename in done for t in s.tensors},
-                  {job.name: job for job in plan.jobs}, _threads_for(plan, options))
+    budget = max(1, options.read_ahead_bytes // (n_points * len(groups)))
+    writers = [(AsyncShardWriter(folder, g, skip=done, max_queue_bytes=budget),
+                deque(output_key(n, group) for n in iter_write_order(g, done)))
+               for group, g in groups.items()]
+    return _Point(plan, out, groups, folder, writers, done,
+                  {output_key(t.name, group) for group, g in groups.items()
+                   for s in g if s.filename in done for t in s.tensors},
+                  {job.name: job for job in plan.jobs}, _threads_for(plan, options),
+                  reports=dict(folder.state_get("reports", {})))
 
 
 def _threads_for(plan: MergePlan, options: MergeOptions) -> tuple[int, int]:
@@ -175,7 +200,10 @@ def _stream(points: list[_Point], options: MergeOptions, progress: Progress | No
     """read → merge → write, in the order the (shared) shard layout is laid out."""
     lead = points[0]
     done_everywhere = set.intersection(*(pt.done for pt in points))
-    jobs = list(_jobs_in_write_order(lead.plan, iter_write_order(lead.shards, done_everywhere)))
+    needed = {output_key(n, group) for group, shards in lead.groups.items()
+              for n in iter_write_order(shards, done_everywhere)}
+    jobs = [job for job in _jobs_in_write_order(lead.plan, iter_write_order(lead.groups[""]))
+            if any(o.key in needed for o in job.outputs)]
     _announce_reads(lead.plan, jobs)
     if on_start:
         on_start(sum(s.data_size for s in lead.shards if s.filename not in lead.done))
@@ -197,19 +225,31 @@ def _merge_and_submit(pt: _Point, job: TensorJob, inputs: JobInputs, options: Me
     compute, workers = pt.threads
     if torch.get_num_threads() != compute:
         torch.set_num_threads(compute)
-    pt.pending.update(merge_job(pt.plan, job, inputs, replace(options, workers=workers)))
+    reports: dict[str, dict] = {}
+    outputs = merge_job(pt.plan, job, inputs, replace(options, workers=workers), reports=reports)
+    if reports:
+        pt.reports.update(reports)
+        pt.folder.state_set("reports", pt.reports)  # kept for a resumed run's side files
     for spec in job.outputs:
-        if spec.name in pt.pending and spec.name not in pt.skipped:
-            pt.writer.submit(spec.name, pt.pending.pop(spec.name).cpu())
+        if spec.key not in pt.skipped:
+            pt.pending[spec.key] = outputs[spec.key]
+    specs = {spec.key: spec for spec in job.outputs}
+    for writer, wanted in pt.writers:      # each group's writer takes its tensors in its order
+        while wanted and wanted[0] in pt.pending:
+            key = wanted.popleft()
+            spec = specs[key]
+            writer.submit(spec.name, pt.pending.pop(key).cpu())
             if progress:
                 progress(spec.name, math.prod(spec.shape) * spec.dtype.itemsize)
-        pt.pending.pop(spec.name, None)
 
 
 def _finish(pt: _Point) -> None:
-    pt.writer.close()
-    _write_side_files(pt.plan, pt.folder, pt.shards)
-    for name, text in pt.extra.items():
+    if pt.pending:
+        raise RuntimeError(f"outputs never written: {sorted(pt.pending)[:3]}")
+    for writer, _ in pt.writers:
+        writer.close()
+    _write_side_files(pt.plan, pt.folder, pt.groups, pt.reports)
+    for name, text in {**pt.plan.method.side_files(pt.plan, pt.reports), **pt.extra}.items():
         pt.folder.write_side_file(name, text)
     verify_output(pt.folder.partial, read_data=False, allow_state_dir=True)
     pt.folder.finalize()
@@ -228,7 +268,8 @@ def _guard(pt: _Point, isolate: bool, step: Callable[[], None]) -> None:
 
 
 def _abandon(pt: _Point, exc: BaseException) -> None:
-    pt.writer.abort()
+    for writer, _ in pt.writers:
+        writer.abort()
     pt.folder.abort(keep_partial=_resumable(exc))
     pt.pending.clear()
 
@@ -262,7 +303,7 @@ def _announce_reads(plan: MergePlan, jobs: list[TensorJob]) -> None:
 
 def _jobs_in_write_order(plan: MergePlan, names: Iterable[str]) -> Iterator[TensorJob]:
     """Each job once, when the writer first needs one of its outputs."""
-    by_output = {o.name: job for job in plan.jobs for o in job.outputs}
+    by_output = {o.name: job for job in plan.jobs for o in job.outputs if not o.group}
     seen: set[int] = set()
     for name in names:
         job = by_output[name]
@@ -311,9 +352,10 @@ def _warn_if_buffers_differ(plan: MergePlan, job: TensorJob, ref: torch.Tensor) 
 
 # ---- merge --------------------------------------------------------------------------------
 
-def merge_job(plan: MergePlan, job: TensorJob, inputs: JobInputs,
-              options: MergeOptions) -> dict[str, torch.Tensor]:
-    """Outputs of one job on the compute device, each in its planned dtype."""
+def merge_job(plan: MergePlan, job: TensorJob, inputs: JobInputs, options: MergeOptions,
+              reports: dict[str, dict] | None = None) -> dict[str, torch.Tensor]:
+    """Outputs of one job on the compute device, each in its planned dtype (the operator's
+    ``TensorTask.report``, if any, goes to ``reports[job.name]``)."""
     if not job.merge:
         return {job.name: inputs.base}
     device = options.device
@@ -329,14 +371,18 @@ def merge_job(plan: MergePlan, job: TensorJob, inputs: JobInputs,
         model_params=job.model_params,
         params=job.params,
         seed=plan.recipe.seed,
+        t=job.t,
+        input_extra=[plan.inputs[pos].extra for pos in job.participants],
         block_elems=options.block_elems,
         device=device,
         workers=options.workers,
         memo=options.memo,
     )
     outputs = plan.method.merge(task)
+    if task.report is not None and reports is not None:
+        reports[job.name] = task.report
     for spec in job.outputs:
-        got = outputs[spec.name]
+        got = outputs[spec.key]
         if got.dtype != spec.dtype or tuple(got.shape) != tuple(spec.shape):
             raise RuntimeError(f"{plan.method.spec.name} produced {got.dtype} {list(got.shape)} "
                                f"for '{spec.name}', planned {spec.dtype} {list(spec.shape)}")
@@ -345,9 +391,11 @@ def merge_job(plan: MergePlan, job: TensorJob, inputs: JobInputs,
 
 # ---- write: side files and the resume key ----------------------------------------------------
 
-def _write_side_files(plan: MergePlan, folder: OutputFolder, shards: list[ShardPlan]) -> None:
-    if len(shards) > 1:
-        folder.write_side_file(INDEX_FILE, index_text(shards, __version__))
+def _write_side_files(plan: MergePlan, folder: OutputFolder, groups: dict[str, list[ShardPlan]],
+                      reports: dict[str, dict]) -> None:
+    for group, shards in groups.items():
+        if len(shards) > 1:
+            folder.write_side_file(index_filename(group), index_text(shards, __version__))
     config = plan.reference.config()
     if config is not None:
         folder.write_side_file("config.json", updated_config(config, main_dtype_name(plan.outputs)))
@@ -358,10 +406,10 @@ def _write_side_files(plan: MergePlan, folder: OutputFolder, shards: list[ShardP
     hub_models = [inp.ref.path for inp in sorted(plan.inputs, key=lambda i: not i.is_base)
                   if not inp.ref.is_local]  # the card's base_model lists Hub ids only
     extra = {"seed": recipe.seed, "random mask scheme": MASK_SCHEME} \
-        if recipe.merge_method.startswith("dare") else None
+        if recipe.merge_method.startswith("dare") else plan.method.card_extra(plan, reports)
     folder.write_side_file("README.md", model_card(
         method=recipe.merge_method, base_models=hub_models, models=models,
-        recipe_text=recipe.text, extra=extra))
+        recipe_text=recipe.text, extra=extra, title=plan.method.card_title))
     folder.write_side_file("mergekit_config.yml", recipe.text)
 
 

@@ -205,7 +205,9 @@ def _plan(recipe: Recipe, inputs: list[InputModel], sources: list[CheckpointSour
         problem = method.check_tensor_params(name, model_params, params)
         if problem:
             raise MergeError(f"{recipe.display}: {problem}")
-        outputs = method.plan_outputs(name, info.shape, _output_dtype(recipe, info))
+        outputs = method.plan_outputs(name, info.shape, _output_dtype(recipe, info),
+                                      params=params, inputs=[inputs[p] for p in participants],
+                                      warn=warnings.append)
         jobs.append(TensorJob(name, info, t, True, participants, model_params, params, outputs))
 
     donor = tokenizer_donor(recipe, inputs, sources, open_source)

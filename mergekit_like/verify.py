@@ -19,9 +19,9 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from huggingface_hub.constants import SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE
 from safetensors import safe_open
 
 from mergekit_like.dtypes import all_finite, ST_TO_TORCH, is_float_code
@@ -30,6 +30,8 @@ from mergekit_like.io.local import read_weight_map
 from mergekit_like.io.safetensors_header import parse_header
 
 STATE_DIR = ".mergekit_like_state"
+BUNDLE_DIR = "twin"
+"""A Twin bundle's folder of exclusive parts (twin.md §4); checked by twin/bundle.py."""
 BLOCK_BYTES = 256 * 1024 * 1024
 """Tensors larger than this are checked in row blocks of about this size."""
 
@@ -42,6 +44,7 @@ class VerifyReport:
     total_bytes: int = 0  # tensor data bytes
     dtypes: Counter = field(default_factory=Counter)  # safetensors code -> tensor count
     sharded: bool = False
+    bundle: Any = None  # a Twin bundle's report (twin/bundle.py), when the folder is one
 
 
 def verify_output(folder: Path, *, allow_nonfinite: bool = False, read_data: bool = True,
@@ -66,34 +69,48 @@ def verify_output(folder: Path, *, allow_nonfinite: bool = False, read_data: boo
     if not isinstance(cfg, dict):
         raise MergeError(f"{where}: config.json is not a JSON object")
 
-    single = folder / SAFETENSORS_SINGLE_FILE
-    index_path = folder / SAFETENSORS_INDEX_FILE
+    report = verify_weights(folder, "model", where, read_data=read_data,
+                            allow_nonfinite=allow_nonfinite, ignore=(BUNDLE_DIR,))
+    if (folder / BUNDLE_DIR).exists():
+        from mergekit_like.twin.bundle import verify_bundle
+        report.bundle = verify_bundle(folder, read_data=read_data,
+                                      allow_nonfinite=allow_nonfinite)
+    return report
+
+
+def verify_weights(folder: Path, stem: str, where: str, *, read_data: bool = True,
+                   allow_nonfinite: bool = False, ignore: tuple[str, ...] = ()) -> VerifyReport:
+    """Check the weights ``<stem>.safetensors`` or ``<stem>.safetensors.index.json`` + shards in
+    ``folder`` (no other ``*.safetensors`` besides those under the ``ignore`` sub-folders)."""
+    single_name, index_name = f"{stem}.safetensors", f"{stem}.safetensors.index.json"
+    single = folder / single_name
+    index_path = folder / index_name
     present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors")
-                     if not any(part.startswith(".") for part in p.relative_to(folder).parts))
+                     if not any(part.startswith(".") for part in p.relative_to(folder).parts)
+                     and p.relative_to(folder).parts[0] not in ignore)
     report = VerifyReport(sharded=index_path.is_file())
 
     if report.sharded:
         if single.is_file():
-            raise MergeError(f"{where}: both {SAFETENSORS_SINGLE_FILE} and {SAFETENSORS_INDEX_FILE}"
+            raise MergeError(f"{where}: both {single_name} and {index_name}"
                              f" are present (an output is one or the other)")
         weight_map = read_weight_map(index_path, where)
         files = sorted(set(weight_map.values()))
         for rel in files:
             if not (folder / rel).is_file():
-                raise MergeError(f"{where}: {rel} is missing ({SAFETENSORS_INDEX_FILE} lists it)")
+                raise MergeError(f"{where}: {rel} is missing ({index_name} lists it)")
         stray = [p for p in present if p not in set(files)]
         if stray:
-            raise MergeError(f"{where}: {stray[0]} is not referenced by {SAFETENSORS_INDEX_FILE}")
+            raise MergeError(f"{where}: {stray[0]} is not referenced by {index_name}")
     elif single.is_file():
         weight_map = None
-        files = [SAFETENSORS_SINGLE_FILE]
-        stray = [p for p in present if p != SAFETENSORS_SINGLE_FILE]
+        files = [single_name]
+        stray = [p for p in present if p != single_name]
         if stray:
             raise MergeError(f"{where}: {stray[0]} is not part of the model (only "
-                             f"{SAFETENSORS_SINGLE_FILE} is, and there is no index)")
+                             f"{single_name} is, and there is no index)")
     else:
-        raise MergeError(f"{where}: no weights ({SAFETENSORS_SINGLE_FILE} or "
-                         f"{SAFETENSORS_INDEX_FILE}) found")
+        raise MergeError(f"{where}: no weights ({single_name} or {index_name}) found")
 
     headers = {}
     for rel in files:
@@ -103,12 +120,12 @@ def verify_output(folder: Path, *, allow_nonfinite: bool = False, read_data: boo
             listed = {t for t, f in weight_map.items() if f == rel}
             missing = sorted(listed - set(h.tensors))
             if missing:
-                raise MergeError(f"{where}: {SAFETENSORS_INDEX_FILE} puts '{missing[0]}' in "
+                raise MergeError(f"{where}: {index_name} puts '{missing[0]}' in "
                                  f"{rel}, but that file does not hold it")
             extra = sorted(set(h.tensors) - listed)
             if extra:
                 raise MergeError(f"{where}: {rel} holds '{extra[0]}', which "
-                                 f"{SAFETENSORS_INDEX_FILE} does not list for that file")
+                                 f"{index_name} does not list for that file")
         report.tensors += len(h.tensors)
         report.total_bytes += h.data_size
         for e in h.tensors.values():
@@ -121,9 +138,9 @@ def verify_output(folder: Path, *, allow_nonfinite: bool = False, read_data: boo
         meta = index.get("metadata")
         total = meta.get("total_size") if isinstance(meta, dict) else None
         if total is None:
-            raise MergeError(f"{where}: {SAFETENSORS_INDEX_FILE} has no metadata.total_size")
+            raise MergeError(f"{where}: {index_name} has no metadata.total_size")
         if not isinstance(total, int) or isinstance(total, bool) or total != report.total_bytes:
-            raise MergeError(f"{where}: {SAFETENSORS_INDEX_FILE} metadata.total_size is {total!r},"
+            raise MergeError(f"{where}: {index_name} metadata.total_size is {total!r},"
                              f" but the tensors hold {report.total_bytes} bytes of data")
 
     if read_data:

@@ -90,10 +90,10 @@ def test_failed_point_is_isolated(family, tmp_path, capsys, monkeypatch):
 
     real = engine.merge_job
 
-    def flaky(plan, job, inputs, options):
+    def flaky(plan, job, inputs, options, **kw):
         if plan.recipe.merge_method == "dare_ties" and plan.recipe.top_params["lambda"].value == 0.7:
             raise RuntimeError("injected operator failure")
-        return real(plan, job, inputs, options)
+        return real(plan, job, inputs, options, **kw)
 
     monkeypatch.setattr(engine, "merge_job", flaky)
     root = tmp_path / "sweep"

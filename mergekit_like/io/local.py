@@ -20,11 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
-from huggingface_hub.constants import (
-    PYTORCH_WEIGHTS_NAME,
-    SAFETENSORS_INDEX_FILE,
-    SAFETENSORS_SINGLE_FILE,
-)
+from huggingface_hub.constants import PYTORCH_WEIGHTS_NAME
 
 from mergekit_like.dtypes import TORCH_TO_ST
 from mergekit_like.errors import MergeError
@@ -88,10 +84,12 @@ def read_weight_map(index_path: Path, ref: str) -> dict[str, str]:
 class LocalSource(CheckpointSource):
     """A model in a local folder. Headers (and the layout) are validated on construction."""
 
-    def __init__(self, folder: Path, ref: str, *, allow_pickle: bool = False):
+    def __init__(self, folder: Path, ref: str, *, allow_pickle: bool = False, stem: str = "model"):
         self.folder = Path(folder)
         self.ref = ref
         self.allow_pickle = allow_pickle
+        self.single_file = f"{stem}.safetensors"   # ``stem``: "exclusive" in a Twin bundle's
+        self.index_file = f"{stem}.safetensors.index.json"  # twin/<task>/ folders
         self._lock = threading.RLock()
         self._handles: OrderedDict[str, Any] = OrderedDict()  # pickle file -> state dict
         self._identity: dict[str, dict[str, Any]] = {}
@@ -113,12 +111,12 @@ class LocalSource(CheckpointSource):
 
     def _detect_layout(self) -> tuple[str, list[str]]:
         f = self.folder
-        if (f / SAFETENSORS_SINGLE_FILE).is_file():
-            return "single", [SAFETENSORS_SINGLE_FILE]
-        if (f / SAFETENSORS_INDEX_FILE).is_file():
-            wm = read_weight_map(f / SAFETENSORS_INDEX_FILE, self.ref)
+        if (f / self.single_file).is_file():
+            return "single", [self.single_file]
+        if (f / self.index_file).is_file():
+            wm = read_weight_map(f / self.index_file, self.ref)
             self._weight_map = wm
-            return "sharded", self._check_listed_files(wm, SAFETENSORS_INDEX_FILE)
+            return "sharded", self._check_listed_files(wm, self.index_file)
         pickle_layout: tuple[str, list[str]] | None = None
         if (f / PYTORCH_WEIGHTS_NAME).is_file():
             pickle_layout = ("pickle", [PYTORCH_WEIGHTS_NAME])
@@ -134,11 +132,11 @@ class LocalSource(CheckpointSource):
             return pickle_layout
         present = sorted(p.name for p in f.iterdir() if p.is_file() and is_weight_file(p.name))
         if any(n.endswith(".safetensors") for n in present):
-            raise MergeError(f"{self.ref}: no {SAFETENSORS_SINGLE_FILE} or {SAFETENSORS_INDEX_FILE}"
+            raise MergeError(f"{self.ref}: no {self.single_file} or {self.index_file}"
                              f" (found {', '.join(present)}); sharded weights need their index")
         found = f" (found only {', '.join(present)})" if present else ""
-        raise MergeError(f"{self.ref}: no model weights in {f}: expected {SAFETENSORS_SINGLE_FILE}"
-                         f" or {SAFETENSORS_INDEX_FILE}{found}")
+        raise MergeError(f"{self.ref}: no model weights in {f}: expected {self.single_file}"
+                         f" or {self.index_file}{found}")
 
     def _check_listed_files(self, wm: dict[str, str], index_name: str) -> list[str]:
         files = sorted(set(wm.values()))
@@ -169,13 +167,13 @@ class LocalSource(CheckpointSource):
         listed = {t for t, f in self._weight_map.items() if f == rel}
         missing = sorted(listed - in_header)
         if missing:
-            raise MergeError(f"{self.ref}: {SAFETENSORS_INDEX_FILE} puts '{missing[0]}' in {rel}, "
+            raise MergeError(f"{self.ref}: {self.index_file} puts '{missing[0]}' in {rel}, "
                              f"but that file does not hold it"
                              + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""))
         extra = sorted(in_header - listed)
         if extra:
             raise MergeError(f"{self.ref}: {rel} holds '{extra[0]}', which "
-                             f"{SAFETENSORS_INDEX_FILE} does not list for that file"
+                             f"{self.index_file} does not list for that file"
                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
 
     def _load_pickle(self, rel: str) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from typing import Any
 
 from mergekit_like import __version__
 from mergekit_like.errors import MergeError
+from mergekit_like.io.local import safe_relpath
 from mergekit_like.io.shards import ShardPlan, format_bytes
 from mergekit_like.io.writer import _is_disk_full, disk_full_error
 
@@ -109,6 +110,25 @@ def read_header_sha256(path: Path) -> str | None:
     return hashlib.sha256(prefix + header).hexdigest()
 
 
+def _marker_name(shard: str) -> str:
+    """The completion marker's file name of shard ``shard`` (``twin/a/x.safetensors`` →
+    ``twin%a%x.safetensors.json``: markers sit flat in ``done/``)."""
+    return shard.replace("/", "%") + ".json"
+
+
+def _prune(root: Path, folder: Path, kept: set[str]) -> None:
+    """Remove everything under ``folder`` but the state folder and the ``kept`` shard files
+    (paths relative to ``root``) and the folders leading to them."""
+    for entry in folder.iterdir():
+        rel = entry.relative_to(root).as_posix()
+        if rel == STATE_DIR or rel in kept:
+            continue
+        if entry.is_dir() and not entry.is_symlink() and any(k.startswith(rel + "/") for k in kept):
+            _prune(root, entry, kept)
+        else:
+            _remove(entry)
+
+
 class OutputFolder:
     def __init__(self, out: str | os.PathLike, *, overwrite: bool, resume: bool, resume_key: str,
                  planned_bytes: int, plans: list[ShardPlan] | None = None):
@@ -179,7 +199,8 @@ class OutputFolder:
                 fn, size, sha = marker["file"], int(marker["size"]), marker["header_sha256"]
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-            if not isinstance(fn, str) or marker_path.name != f"{fn}.json" or "/" in fn:
+            if not isinstance(fn, str) or marker_path.name != _marker_name(fn) \
+                    or safe_relpath(fn) != fn:
                 continue
             if planned is not None and (fn not in planned or planned[fn].file_size != size
                                         or planned[fn].header_sha256 != sha):
@@ -211,15 +232,14 @@ class OutputFolder:
         if mode in ("fresh", "mismatch"):
             _remove(self.partial)
         if mode == "resume":
-            for entry in self.partial.iterdir():
-                if entry.name != STATE_DIR and entry.name not in kept:
-                    _remove(entry)
+            _prune(self.partial, self.partial, set(kept))
             for entry in self.state_dir.iterdir():
                 if entry.name not in (DONE_DIR, STATE_FILE):
                     _remove(entry)
             if self.done_dir.is_dir():
+                markers = {_marker_name(fn) for fn in kept}
                 for entry in self.done_dir.iterdir():
-                    if entry.name[:-len(".json")] not in kept or not entry.name.endswith(".json"):
+                    if entry.name not in markers:
                         _remove(entry)
         else:
             self._state = {}
@@ -313,13 +333,16 @@ class OutputFolder:
             raise RuntimeError("output folder is not prepared (call prepare() first)")
 
     def shard_path(self, name: str) -> Path:
-        return self.partial / name
+        """Where shard ``name`` (a relative path: groups live in sub-folders) is written."""
+        path = self.partial.joinpath(*PurePosixPath(name).parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     def mark_done(self, marker: dict) -> None:
         """Record a finished, fsync'd and verified shard (its marker: file, size, header_sha256)."""
         self._require_prepared()
         name = marker["file"]
-        self._atomic_write(self.done_dir / f"{name}.json",
+        self._atomic_write(self.done_dir / _marker_name(name),
                            json.dumps(marker, sort_keys=True).encode("utf-8"), name)
         self._written.add(name)
 

@@ -138,11 +138,25 @@ def _nbytes(o: OutputSpec) -> int:
     return math.prod(o.shape) * o.dtype.itemsize
 
 
-def shard_filename(index: int, count: int) -> str:
-    """1-based ``index`` of ``count`` shards → ``model-00003-of-00008.safetensors``."""
+def shard_filename(index: int, count: int, group: str = "") -> str:
+    """1-based ``index`` of ``count`` shards → ``model-00003-of-00008.safetensors``; in an
+    output group (``OutputSpec.group``) its stem: ``twin/math/exclusive-00001-of-00002…``."""
+    stem = group or "model"
     if count == 1:
-        return SINGLE_FILE
-    return FILE_PATTERN.format(suffix=f"-{index:05d}-of-{count:05d}")
+        return f"{stem}.safetensors"
+    return f"{stem}-{index:05d}-of-{count:05d}.safetensors"
+
+
+def index_filename(group: str = "") -> str:
+    """``model.safetensors.index.json``, or the group's (``twin/math/exclusive.safetensors…``)."""
+    return f"{group or 'model'}.safetensors.index.json"
+
+
+def group_of(filename: str) -> str:
+    """The output group a shard file name belongs to ("" for the model's own shards)."""
+    stem = filename[: -len(".safetensors")]
+    stem = re.sub(r"-\d{5}-of-\d{5}$", "", stem)
+    return "" if stem == "model" else stem
 
 
 def build_header(tensors: list[PlannedTensor]) -> bytes:
@@ -171,7 +185,8 @@ def _layout(filename: str, specs: list[OutputSpec]) -> ShardPlan:
     return ShardPlan(filename, tensors, header, offset, len(header) + offset)
 
 
-def plan_shards(outputs: list[OutputSpec], max_shard_bytes: int) -> list[ShardPlan]:
+def plan_shards(outputs: list[OutputSpec], max_shard_bytes: int,
+                group: str = "") -> list[ShardPlan]:
     """Split ``outputs`` (in plan order) into contiguous shards of at most ``max_shard_bytes``
     data bytes each (a larger tensor alone), with final names, offsets and headers."""
     if max_shard_bytes <= 0:
@@ -195,13 +210,14 @@ def plan_shards(outputs: list[OutputSpec], max_shard_bytes: int) -> list[ShardPl
         groups[-1].append(o)
         current += n
     count = len(groups)
-    return [_layout(shard_filename(i + 1, count), g) for i, g in enumerate(groups)]
+    return [_layout(shard_filename(i + 1, count, group), g) for i, g in enumerate(groups)]
 
 
 def index_json(plans: list[ShardPlan], version: str) -> dict:
     """``model.safetensors.index.json`` content (only written when there are several shards).
     ``weight_map`` keys are sorted by name, as transformers writes them."""
-    weight_map = {t.name: p.filename for p in plans for t in p.tensors}
+    # file names relative to the index's own folder (a group's index sits beside its shards)
+    weight_map = {t.name: p.filename.rsplit("/", 1)[-1] for p in plans for t in p.tensors}
     return {
         "metadata": {
             "total_size": sum(p.data_size for p in plans),

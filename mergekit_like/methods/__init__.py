@@ -10,9 +10,9 @@ from mergekit_like.methods.base import Method
 
 # Methods mergekit or our specs name that are not implemented yet: recognised, refused clearly.
 PLANNED = ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "rcp", "rcp_approx",
-           "twin", "wemoe")
+           "wemoe")
 # Display order of method lists (recipe.md); methods not named here follow alphabetically.
-DISPLAY_ORDER = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear") + PLANNED
+DISPLAY_ORDER = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "twin") + PLANNED
 
 _REGISTRY: dict[str, Method] = {}
 

@@ -30,7 +30,8 @@ REQUIRED: Any = object()
 #   "float":   finite float (bools rejected)           "density": float in [0, 1]
 #   "bool":    bool, no gradients                       "rescale": true | false | "l1"
 #   "choice":  one of ParamSpec.choices (str)           "structured": a map taken as is
-PARAM_KINDS = ("float", "density", "bool", "rescale", "choice", "structured")
+#   "rank":    a fraction in (0, 1], an int ≥ 1 or "full" (twin.md §1)
+PARAM_KINDS = ("float", "density", "bool", "rescale", "choice", "structured", "rank")
 
 
 @dataclass(frozen=True)
@@ -99,11 +100,18 @@ class TensorTask:
     model_params: list[dict[str, Any]]
     params: dict[str, Any]
     seed: int = 0
+    t: float = 0.0
+    """The tensor's layer position in [0, 1] (for settings a method resolves itself)."""
+    input_extra: list[dict[str, Any]] = field(default_factory=list)
+    """Each input's own recipe entry keys (``Method.entry_keys``: twin's task ``name``)."""
     block_elems: int = 1 << 22
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     workers: int = 1
     """Threads an operator may split its pieces over (``tiling.spans``); the engine sets it
     on CPU for ``Method.span_parallel`` methods and runs torch ops single-threaded then."""
+    report: dict | None = None
+    """An operator may put JSON-able facts about this tensor here (Twin: the energy kept);
+    the engine hands every tensor's report to ``Method.side_files`` at the end."""
     memo: dict | None = None
     """Shared by the points of a grid pass for this tensor only: operators may cache results
     that depend on the inputs and their own key alone (TIES thresholds), never the output."""
@@ -151,6 +159,20 @@ class OutputSpec:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+    group: str = ""
+    """Which weight files hold it: "" the model's (``model*.safetensors``), else a path stem
+    inside the output ("twin/math/exclusive" → ``twin/math/exclusive*.safetensors``)."""
+
+    @property
+    def key(self) -> str:
+        """The output's identity across groups (the key of ``Method.merge``'s result)."""
+        return output_key(self.name, self.group)
+
+
+def output_key(name: str, group: str = "") -> str:
+    """``name`` in the model's files, ``group:name`` in another group's (names may repeat
+    across groups: every task's file of a Twin bundle holds the same names)."""
+    return f"{group}:{name}" if group else name
 
 
 class Method:
@@ -166,14 +188,31 @@ class Method:
     rows each, single-threaded torch ops). On a small CPU this beats torch's intra-op threads,
     whose per-op barrier stalls whenever the reader thread takes a core."""
 
-    def plan_outputs(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> list[OutputSpec]:
-        """Output tensors produced from reference tensor ``name`` (default: the tensor itself)."""
+    entry_keys: tuple[str, ...] = ()
+    """Keys a ``models`` entry may hold besides model/parameters (twin's ``name``)."""
+    card_title: str | None = None
+
+    def plan_outputs(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, *,
+                     params: dict[str, Any] | None = None, inputs: list[Any] | None = None,
+                     warn: Any = None) -> list[OutputSpec]:
+        """Output tensors produced from reference tensor ``name`` (default: the tensor itself).
+        ``params``: the method-wide parameters resolved for it; ``inputs``: the InputModels of
+        its method inputs; ``warn(message)``: a plan warning (repeats are shown once)."""
         return [OutputSpec(name, shape, dtype)]
+
+    def card_extra(self, plan: Any, reports: dict[str, dict]) -> dict[str, Any] | None:
+        """Settings listed under the method in the model card."""
+        return None
 
     def check_tensor_params(self, name: str, model_params: list[dict[str, Any]],
                             params: dict[str, Any]) -> str | None:
         """Plan-time check of the resolved parameters of one tensor; a message means error."""
         return None
+
+    def side_files(self, plan: Any, reports: dict[str, dict]) -> dict[str, str]:
+        """More files for the output (name → text), written after the standard side files
+        (a name may replace one, e.g. README.md); ``reports``: tensor name → TensorTask.report."""
+        return {}
 
     def merge(self, task: TensorTask) -> dict[str, torch.Tensor]:
         return {task.name: self.merge_tensor(task)}

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 from mergekit_like.dtypes import RECIPE_DTYPES, parse_recipe_dtype
 from mergekit_like.errors import MergeError
-from mergekit_like.methods import PLANNED
+from mergekit_like.methods import DISPLAY_ORDER, PLANNED
 from mergekit_like.methods.base import REQUIRED, MethodSpec, ParamSpec
 from mergekit_like.recipe.model import InputModel, Recipe
 from mergekit_like.recipe.params import (Conditional, Gradient, Scalar, Setting, SettingFormError,
@@ -26,8 +26,7 @@ from mergekit_like.recipe.yaml_lines import Locator, load_yaml
 
 log = logging.getLogger(__name__)
 
-CANONICAL_ORDER = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear") \
-    + tuple(PLANNED)
+CANONICAL_ORDER = DISPLAY_ORDER
 FLOAT_KINDS = ("float", "density")
 
 
@@ -77,9 +76,20 @@ class _Checker:
             s = parse_setting(raw, structured=(p.kind == "structured"))
         except SettingFormError as exc:
             raise self.loc.error(path + exc.subpath, exc.message) from None
-        if p.kind in ("bool", "float", "density"):
+        if p.kind in ("bool", "float", "density", "rank"):
             self._no_steps(p, s, path)
+        if p.kind == "rank":
+            self._fraction_gradients(p, s, path)
         return map_leaves(s, lambda sub, v: self.leaf(p, v, path + sub))
+
+    def _fraction_gradients(self, p: ParamSpec, s: Setting, path: tuple) -> None:
+        """Rank gradients interpolate fractions; an absolute rank (an int) stands alone."""
+        forms = [((), s)] if not isinstance(s, Conditional) else \
+            [(s.sub(i) + ("value",), e.value) for i, e in enumerate(s.entries)]
+        for sub, form in forms:
+            if isinstance(form, Gradient) and any(isinstance(v, int) for v in form.values):
+                raise self.loc.error(path + sub, "a rank gradient takes fractions only (write "
+                                                 "0.1, not 1); an absolute rank is a single int")
 
     def _no_steps(self, p: ParamSpec, s: Setting, path: tuple) -> None:
         forms = [((), s)] if not isinstance(s, Conditional) else \
@@ -117,6 +127,8 @@ class _Checker:
                 self.warnings.append(f"{self.loc.where(*path)}: {_show(v)} is outside [0, 1] "
                                      "(extrapolation)")
             return f
+        if kind == "rank":
+            return self._rank(p, v, path)
         if kind == "bool":
             if not isinstance(v, bool):
                 raise self.loc.error(path, f"'{p.name}' must be true or false, got {_show(v)}")
@@ -133,6 +145,24 @@ class _Checker:
                                            f"got {_show(v)}{hint}")
             return v
         return v  # structured / kinds this validator does not know: taken as is
+
+    def _rank(self, p: ParamSpec, v: Any, path: tuple) -> float | int:
+        """A fraction of full rank in (0, 1], an absolute rank (int ≥ 1), or "full" (1.0)."""
+        if v == "full":
+            return 1.0
+        if isinstance(v, bool) or not is_number(v):
+            raise self.loc.error(path, f"'{p.name}' must be a fraction in (0, 1], an integer "
+                                       f"rank ≥ 1 or \"full\"; got {_show(v)}")
+        if isinstance(v, int):
+            if v < 1:
+                raise self.loc.error(path, f"an absolute rank must be at least 1, got {v}")
+            if v == 1:
+                self.warnings.append(f"{self.loc.where(*path)}: '{p.name}: 1' is the absolute "
+                                     "rank 1, not full rank (write 1.0 or full for that)")
+            return v
+        if not (math.isfinite(v) and 0.0 < v <= 1.0):
+            raise self.loc.error(path, f"a rank fraction must be in (0, 1], got {_show(v)}")
+        return float(v)
 
     def note_ineffective(self, p: ParamSpec, path: tuple) -> None:
         if not p.effective and p.name not in self.warned_ineffective:
@@ -179,7 +209,7 @@ def build_recipe(data: Any, loc: Locator, *, path: Path, text: str, seed: int | 
     base = parse_ref(doc.base_model, loc, ("base_model",), warnings) \
         if doc.base_model is not None else None
     entries: list[dict] = list(data.get("models") or [])
-    entry_keys = tuple(ENTRY_KEYS) + tuple(getattr(spec, "entry_keys", ()))
+    entry_keys = tuple(ENTRY_KEYS) + tuple(getattr(method, "entry_keys", ()))
     refs: list[ModelRef] = []
     seen: dict[tuple, int] = {}
     for i, entry in enumerate(entries):
@@ -324,6 +354,23 @@ def build_recipe(data: Any, loc: Locator, *, path: Path, text: str, seed: int | 
     if callable(hook):  # a method's own phase-A checks (raise MergeError / append warnings)
         hook(recipe)
     return recipe
+
+
+def check_method_params(spec: MethodSpec, raw: Mapping, loc: Locator, path: tuple,
+                        warnings: list[str]) -> dict[str, Setting]:
+    """Parse and check a map of method-wide parameters of ``spec`` found at ``path`` (a
+    sub-recipe's, e.g. twin's ``shared``): names, kinds and ranges, as for top-level ones."""
+    checker = _Checker(spec, loc, warnings)
+    out = {}
+    for key, value in raw.items():
+        p = spec.param(key) if isinstance(key, str) else None
+        if p is None or p.per_model:
+            known = [q.name for q in spec.params if not q.per_model]
+            why = (f"'{key}' is per-model: set it under models[i].parameters"
+                   if p is not None else f"unknown parameter for method '{spec.name}'")
+            raise unknown_key(loc, path + (key,), known, why)
+        out[key] = checker.setting(p, value, path + (key,))
+    return out
 
 
 def _check_trim_scope(spec: MethodSpec, top: dict[str, Setting], inputs: list[InputModel],

@@ -8,81 +8,15 @@ is one entry there (``RecipeMethod`` for anything the ``merge`` command runs).
 
 from __future__ import annotations
 
-import contextlib
-import io
-import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
-
-import yaml
+from typing import Any, Mapping, Sequence
 
 from mergekit_like.zoo.build import Zoo
+from mergekit_like.zoo.quality_methods import Log, Method, RecipeMethod
+from mergekit_like.zoo.quality_twin import TWIN_ROWS
 
-Log = Callable[[str], None]
 SYMBOLS = {"lambda": "λ"}  # how a parameter name is printed in a row label
-
-
-class Method(Protocol):
-    """One merge row: ``candidates()`` are the parameter sets tried on validation (in order; the
-    first best wins), ``build`` writes the model of one of them into ``out`` and returns it."""
-
-    label: str
-
-    def candidates(self) -> list[dict[str, Any]]: ...
-
-    def build(self, zoo: Zoo, merged_tasks: Sequence[str], params: dict[str, Any],
-              out: Path) -> Path: ...
-
-
-@dataclass(frozen=True)
-class RecipeMethod:
-    """A method the ``mergekit-like merge`` command runs: a recipe with ``base_model`` = the zoo
-    base, one entry per merged fine-tune with ``per_model`` parameters, top-level
-    ``parameters`` = ``fixed`` plus one point of the ``sweep`` grid (the product of its value
-    lists), and ``seed``."""
-
-    label: str
-    merge_method: str
-    per_model: Mapping[str, Any]
-    sweep: Mapping[str, Sequence[Any]] = field(default_factory=dict)
-    fixed: Mapping[str, Any] = field(default_factory=dict)
-    seed: int | None = None
-
-    def candidates(self) -> list[dict[str, Any]]:
-        keys = list(self.sweep)
-        return [dict(zip(keys, values)) for values in itertools.product(*self.sweep.values())]
-
-    def recipe(self, zoo: Zoo, merged_tasks: Sequence[str], params: Mapping[str, Any]) -> dict:
-        """The recipe document (absolute model paths, float32 in and out)."""
-        doc: dict[str, Any] = {
-            "merge_method": self.merge_method,
-            "base_model": str(zoo.base.resolve()),
-            "models": [{"model": str(zoo.model(t).resolve()), "parameters": dict(self.per_model)}
-                       for t in merged_tasks],
-            "parameters": {**self.fixed, **params},
-            "dtype": "float32",
-            "out_dtype": "float32",
-        }
-        if self.seed is not None:
-            doc["seed"] = self.seed
-        return doc
-
-    def build(self, zoo: Zoo, merged_tasks: Sequence[str], params: dict[str, Any],
-              out: Path) -> Path:
-        from mergekit_like.cli import main
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        recipe = out.with_name(out.name + ".yml")
-        recipe.write_text(yaml.safe_dump(self.recipe(zoo, merged_tasks, params), sort_keys=False))
-        messages = io.StringIO()
-        with contextlib.redirect_stderr(messages):  # "wrote OUT" and warnings; shown on failure
-            code = main(["merge", str(recipe), str(out), "-q", "--overwrite"])
-        if code != 0:
-            raise RuntimeError(f"merge of {recipe} failed with exit code {code}: "
-                               f"{messages.getvalue().strip()}")
-        return out
-
 
 LAMBDAS = (0.2, 0.3, 0.5, 0.7, 1.0)
 METHODS: list[Method] = [
@@ -90,6 +24,7 @@ METHODS: list[Method] = [
     RecipeMethod("ties", "ties", {"weight": 1.0}, sweep={"density": (0.3, 0.5, 0.7)}),
     RecipeMethod("dare_ties", "dare_ties", {"weight": 1.0, "density": 0.5},
                  sweep={"lambda": LAMBDAS}, seed=0),
+    *TWIN_ROWS,
 ]
 
 
@@ -133,6 +68,10 @@ def _accuracy(folder: Path, examples: list, device: str, batch_size: int) -> dic
     return {task: value for task, value in scores.items() if task != "average"}
 
 
+def _folder_name(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+
+
 def param_text(params: Mapping[str, Any]) -> str:
     """``{"lambda": 0.3}`` -> ``λ=0.3``."""
     return ", ".join(f"{SYMBOLS.get(k, k)}={v}" for k, v in params.items())
@@ -150,15 +89,16 @@ def _zoo_rows(zoo: Zoo, work: Path, methods: Sequence[Method], merged: list[str]
     rows += [Row(f"fine-tune: {t}", [_accuracy(zoo.model(t), test, device, batch_size)])
              for t in zoo.tasks]
     for method in methods:
+        accuracy = getattr(method, "accuracy", _accuracy)  # a bundle is scored its own way
         scored = []
         for i, params in enumerate(method.candidates()):
-            folder = method.build(zoo, merged, params, work / method.label / f"c{i}")
-            score = mean(list(_accuracy(folder, validation, device, batch_size).values()))
+            folder = method.build(zoo, merged, params, work / _folder_name(method.label) / f"c{i}")
+            score = mean(list(accuracy(folder, validation, device, batch_size).values()))
             log(f"quality {zoo.root.name}: {method.label} {param_text(params)}: "
                 f"validation {score:.3f}")
             scored.append((params, score, folder))
         best_params, _, best_folder = max(scored, key=lambda s: s[1])
-        rows.append(Row(method.label, [_accuracy(best_folder, test, device, batch_size)],
+        rows.append(Row(method.label, [accuracy(best_folder, test, device, batch_size)],
                         [best_params], [[(p, s) for p, s, _ in scored]]))
     return rows
 

@@ -1,0 +1,1 @@
+"""Twin-Merging (twin.md): the bundle format, materialize, and the router."""
