@@ -219,13 +219,17 @@ def eval_model(
 
 
 def _load_for_eval(model: Path, device: str):
-    """A Twin bundle loads routed per sample (runtime/twin.py); anything else as a plain model."""
+    """A Twin bundle loads routed per sample (runtime/twin.py), a WEMoE output with the
+    package's own modeling code (runtime/wemoe.py); anything else as a plain model."""
     from mergekit_like.runtime import load_model
     from mergekit_like.twin.bundle import is_bundle
 
     if is_bundle(model):
         from mergekit_like.runtime.twin import load_twin
         return load_twin(model, device=device)
+    from mergekit_like.runtime.wemoe import is_wemoe, load_wemoe
+    if is_wemoe(model):
+        return load_wemoe(model, device=device)
     return load_model(model, device=device)
 
 

@@ -1,7 +1,8 @@
-"""`mergekit-like train-router`: train the router of a Twin bundle (twin.md §6).
+"""`mergekit-like train-router`: train the router of a Twin bundle (twin.md §6) or of a WEMoE
+folder (wemoe.md §5).
 
-The command dispatches on what it finds in BUNDLE: a Twin bundle (``twin/twin.json``) is the only
-kind so far; WEMoE routers will join at the marked dispatch point in ``train_router``.
+The command dispatches on what it finds in BUNDLE: a Twin bundle (``twin/twin.json``) is trained
+here; a WEMoE folder (config.json ``model_type: "wemoe"``) by ``mergekit_like.wemoe_train``.
 """
 
 from __future__ import annotations
@@ -23,27 +24,87 @@ FEATURE_BATCH = 16
 
 
 def train_router(
-    bundle: Path = typer.Argument(..., help="A Twin bundle (the output of a twin merge)."),
-    data: Path = typer.Option(..., "--data", help="JSON Lines: {\"text\"|\"input_ids\", \"task\"} per line."),
-    lr: float = typer.Option(5e-4, "--lr", help="AdamW learning rate."),
-    epochs: int = typer.Option(50, "--epochs", help="Training epochs (the best on validation is kept)."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Router training batch size (≥ 2)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the split, initialisation, shuffles and dropout."),
-    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Stratified held-out fraction in [0, 1)."),
+    bundle: Path = typer.Argument(..., help="A Twin bundle or a WEMoE folder (the output of a "
+                                  "twin or wemoe merge)."),
+    data: Path = typer.Option(..., "--data", help="JSON Lines: {\"text\"|\"input_ids\", \"task\"} "
+                              "per line (Twin: task labels required; WEMoE: unlabeled, an optional "
+                              "task only balances batches)."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate [default: Twin 5e-4 "
+                                    "(AdamW), WEMoE 1e-4 (Adam)]."),
+    epochs: int = typer.Option(50, "--epochs", help="Twin: training epochs (the best on "
+                               "validation is kept)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size [default: "
+                                          "Twin 256 (≥ 2), WEMoE 8 texts per micro-batch]."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split, initialisation, shuffles and "
+                             "dropout (Twin) or of the batch order (WEMoE)."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Twin: stratified held-out "
+                                       "fraction in [0, 1)."),
+    steps: int = typer.Option(500, "--steps", help="WEMoE: optimizer steps."),
+    max_length: int = typer.Option(512, "--max-length", help="WEMoE: texts are cut to this many "
+                                   "tokens."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="WEMoE: micro-batches per step."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="WEMoE: "
+                                                "recompute decoder layers in backward (less "
+                                                "memory)."),
+    reinit: bool = typer.Option(False, "--reinit", help="WEMoE: restart from the initial routers "
+                                "(task arithmetic) instead of the ones in the folder."),
+    val_data: Path | None = typer.Option(None, "--val-data", help="WEMoE: held-out JSON Lines "
+                                         "texts for the perplexity guard."),
+    eval_every: int = typer.Option(50, "--eval-every", help="WEMoE: steps between held-out "
+                                   "evaluations (with --val-data)."),
+    keep: str | None = typer.Option(None, "--keep", help="WEMoE: best | last routers [default: "
+                                    "best with --val-data, else last]."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto = CUDA when available)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Train the router of BUNDLE on labelled texts (stage 2)."""
+    """Train the router of BUNDLE.
+
+    A Twin bundle (twin/twin.json): the task classifier, on labelled texts (twin.md §6). A WEMoE
+    folder (config.json model_type "wemoe"): the per-layer routers, by minimising next-token
+    entropy on unlabeled texts, optionally guarded by held-out perplexity (wemoe.md §5)."""
+    from mergekit_like.runtime.wemoe import is_wemoe
     from mergekit_like.twin.bundle import is_bundle
 
-    settings = {"lr": lr, "epochs": epochs, "batch_size": batch_size, "seed": seed,
-                "val_fraction": val_fraction, "optimizer": "AdamW", "loss": "cross_entropy"}
-    _check_settings(settings)
     if is_bundle(bundle):
+        settings = {"lr": 5e-4 if lr is None else lr, "epochs": epochs,
+                    "batch_size": 256 if batch_size is None else batch_size, "seed": seed,
+                    "val_fraction": val_fraction, "optimizer": "AdamW", "loss": "cross_entropy"}
+        _check_settings(settings)
         _train_twin(bundle, data, settings, device, quiet)
         return
-    # Dispatch point: other router kinds (WEMoE) are recognised and trained here.
-    raise MergeError(f"{bundle}: not a Twin bundle (no twin/twin.json)")
+    if is_wemoe(bundle):
+        from mergekit_like.wemoe_train import WemoeTrainSettings
+
+        settings = WemoeTrainSettings(
+            lr=1e-4 if lr is None else lr, steps=steps, max_length=max_length, seed=seed,
+            batch_size=8 if batch_size is None else batch_size, grad_accum=grad_accum,
+            gradient_checkpointing=gradient_checkpointing, reinit=reinit, eval_every=eval_every,
+            keep=keep)
+        _train_wemoe(bundle, data, settings, val_data, device, quiet)
+        return
+    raise MergeError(f"{bundle}: not a Twin bundle (no twin/twin.json) nor a WEMoE folder "
+                     "(config.json model_type is not 'wemoe')")
+
+
+def _train_wemoe(root: Path, data: Path, settings, val_data: Path | None, device: str,
+                 quiet: bool) -> None:
+    """Train, then report: steps, entropy at step 0 and at the end, the kept step."""
+    from mergekit_like.cli import err_console
+    from mergekit_like.cli_tables import out_console
+    from mergekit_like.wemoe_train import ROUTER_FILE, train_wemoe_router
+
+    r = train_wemoe_router(root, data, settings, val_data=val_data, device=device, quiet=quiet,
+                           console=err_console)
+    out_console.print(f"steps: {r.steps}; entropy at step 0: {r.entropy_start:.4f}, at the end: "
+                      f"{r.entropy_end:.4f}")
+    if r.best_perplexity is not None:
+        out_console.print(f"best held-out perplexity: {r.best_perplexity:.4f} (step "
+                          f"{min(r.evals, key=lambda e: e[1])[0]}); kept step {r.kept_step}")
+    if r.kept_step == 0:
+        start = "task arithmetic" if r.start_state == "init" else "the starting routers"
+        out_console.print(f"training did not beat {start} on held-out perplexity: kept the "
+                          "step-0 routers")
+    err_console.print(f"wrote {root}/{ROUTER_FILE}")
 
 
 def _check_settings(s: dict) -> None:

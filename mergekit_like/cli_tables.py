@@ -19,7 +19,7 @@ def fmt_bytes(n: int) -> str:
 
 
 def print_plan(plan, out: Path, options) -> None:
-    from mergekit_like.engine import plan_files
+    from mergekit_like.output_layout import plan_files
 
     shards = [s for group in plan_files(plan, options.out_shard_bytes).values() for s in group]
     table = Table(title=f"merge plan: {plan.recipe.merge_method} → {out}  (dry run, nothing written)")

@@ -8,37 +8,34 @@
               computes block by block in float32 (float64 if asked) and casts once.
 4. **write**  outputs go to a writer thread that streams bytes into pre-planned shards inside
               ``.OUT.partial/``; each finished shard is fsync'd, checked and marked done (resume).
-              Side files follow, then the folder is checked and renamed into place.
+              Side files follow, then the folder is checked and renamed into place. Which
+              files each output group gets, the side files and the resume key: output_layout.py.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from mergekit_like import __version__
 from mergekit_like.dtypes import all_finite
 from mergekit_like.errors import MergeError
 from mergekit_like.io.output import OutputFolder
 from mergekit_like.io.read_ahead import read_ahead
-from mergekit_like.io.shards import ShardPlan, index_filename, index_text, plan_shards
-from mergekit_like.io.side_files import (copy_side_files, main_dtype_name, model_card,
-                                         updated_config)
+from mergekit_like.io.shards import ShardPlan
 from mergekit_like.io.writer import AsyncShardWriter, iter_write_order
 from mergekit_like.methods.base import TensorTask, output_key
+from mergekit_like.output_layout import (jobs_in_write_order, plan_files, resume_key,
+                                         write_side_files)
 from mergekit_like.plan import MergePlan, SourceOpener, TensorJob, build_plan
 from mergekit_like.recipe import Recipe
 from mergekit_like.verify import verify_output
 
-MASK_SCHEME = "splitmix64-v1"
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
@@ -150,19 +147,6 @@ class _Point:
         return [s for shards in self.groups.values() for s in shards]
 
 
-def plan_files(plan: MergePlan, shard_bytes: int) -> dict[str, list[ShardPlan]]:
-    """The shards of every output group (``OutputSpec.group``), the model's ("") first. Other
-    groups list their tensors in the order the jobs run (the model's write order), so every
-    group's writer receives its tensors in its own planned order."""
-    main = plan_shards([o for o in plan.outputs if not o.group], shard_bytes)
-    others: dict[str, list] = {}
-    for job in _jobs_in_write_order(plan, iter_write_order(main)):
-        for o in job.outputs:
-            if o.group:
-                others.setdefault(o.group, []).append(o)
-    return {"": main, **{g: plan_shards(specs, shard_bytes, g) for g, specs in others.items()}}
-
-
 def _open_point(plan: MergePlan, out: Path, options: MergeOptions, n_points: int) -> _Point:
     """Plan the output's shard layout and resume key, open its folder and writers."""
     groups = plan_files(plan, options.out_shard_bytes)
@@ -202,7 +186,7 @@ def _stream(points: list[_Point], options: MergeOptions, progress: Progress | No
     done_everywhere = set.intersection(*(pt.done for pt in points))
     needed = {output_key(n, group) for group, shards in lead.groups.items()
               for n in iter_write_order(shards, done_everywhere)}
-    jobs = [job for job in _jobs_in_write_order(lead.plan, iter_write_order(lead.groups[""]))
+    jobs = [job for job in jobs_in_write_order(lead.plan, iter_write_order(lead.groups[""]))
             if any(o.key in needed for o in job.outputs)]
     _announce_reads(lead.plan, jobs)
     if on_start:
@@ -248,7 +232,7 @@ def _finish(pt: _Point) -> None:
         raise RuntimeError(f"outputs never written: {sorted(pt.pending)[:3]}")
     for writer, _ in pt.writers:
         writer.close()
-    _write_side_files(pt.plan, pt.folder, pt.groups, pt.reports)
+    write_side_files(pt.plan, pt.folder, pt.groups, pt.reports)
     for name, text in {**pt.plan.method.side_files(pt.plan, pt.reports), **pt.extra}.items():
         pt.folder.write_side_file(name, text)
     verify_output(pt.folder.partial, read_data=False, allow_state_dir=True)
@@ -299,17 +283,6 @@ def _announce_reads(plan: MergePlan, jobs: list[TensorJob]) -> None:
             per_source.setdefault(pos, []).append(job.name)
     for pos, source in enumerate(plan.sources):
         source.plan_reads(per_source.get(pos, []))
-
-
-def _jobs_in_write_order(plan: MergePlan, names: Iterable[str]) -> Iterator[TensorJob]:
-    """Each job once, when the writer first needs one of its outputs."""
-    by_output = {o.name: job for job in plan.jobs for o in job.outputs if not o.group}
-    seen: set[int] = set()
-    for name in names:
-        job = by_output[name]
-        if id(job) not in seen:
-            seen.add(id(job))
-            yield job
 
 
 # ---- read ---------------------------------------------------------------------------------
@@ -387,44 +360,3 @@ def merge_job(plan: MergePlan, job: TensorJob, inputs: JobInputs, options: Merge
             raise RuntimeError(f"{plan.method.spec.name} produced {got.dtype} {list(got.shape)} "
                                f"for '{spec.name}', planned {spec.dtype} {list(spec.shape)}")
     return outputs
-
-
-# ---- write: side files and the resume key ----------------------------------------------------
-
-def _write_side_files(plan: MergePlan, folder: OutputFolder, groups: dict[str, list[ShardPlan]],
-                      reports: dict[str, dict]) -> None:
-    for group, shards in groups.items():
-        if len(shards) > 1:
-            folder.write_side_file(index_filename(group), index_text(shards, __version__))
-    config = plan.reference.config()
-    if config is not None:
-        folder.write_side_file("config.json", updated_config(config, main_dtype_name(plan.outputs)))
-    plan.warnings.extend(copy_side_files(folder, plan.tokenizer, plan.reference))
-    recipe = plan.recipe
-    models = [inp.ref.display if inp.ref.is_local or not inp.ref.sha
-              else f"{inp.ref.path} (commit {inp.ref.sha})" for inp in plan.inputs]
-    hub_models = [inp.ref.path for inp in sorted(plan.inputs, key=lambda i: not i.is_base)
-                  if not inp.ref.is_local]  # the card's base_model lists Hub ids only
-    extra = {"seed": recipe.seed, "random mask scheme": MASK_SCHEME} \
-        if recipe.merge_method.startswith("dare") else plan.method.card_extra(plan, reports)
-    folder.write_side_file("README.md", model_card(
-        method=recipe.merge_method, base_models=hub_models, models=models,
-        recipe_text=recipe.text, extra=extra, title=plan.method.card_title))
-    folder.write_side_file("mergekit_config.yml", recipe.text)
-
-
-def resume_key(plan: MergePlan, shards: list[ShardPlan], options: MergeOptions) -> str:
-    """sha256 of everything that decides the output bytes (safetensors_io.md §6)."""
-    payload = {
-        "recipe": plan.recipe.resolved(),
-        "inputs": [s.identity() for s in plan.sources],
-        "shards": [[s.filename, [[t.name, str(t.dtype), list(t.shape)] for t in s.tensors]]
-                   for s in shards],
-        "out_shard_bytes": options.out_shard_bytes,
-        "seed": plan.recipe.seed,
-        "mask_scheme": MASK_SCHEME,
-        "version": __version__,
-        "device": options.device.type,
-    }
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()

@@ -212,8 +212,10 @@ def _plan(recipe: Recipe, inputs: list[InputModel], sources: list[CheckpointSour
 
     donor = tokenizer_donor(recipe, inputs, sources, open_source)
     _check_tokenizer_vocab(donor, ref_header)
-    return MergePlan(recipe, method, inputs, sources, headers, reference_pos, base_pos,
+    plan = MergePlan(recipe, method, inputs, sources, headers, reference_pos, base_pos,
                      method_inputs, jobs, compute_dtype, donor, warnings)
+    method.check_plan(plan)
+    return plan
 
 
 def _check_tokenizer_vocab(donor: CheckpointSource, ref_header: dict[str, TensorInfo]) -> None:

@@ -138,11 +138,12 @@ def _nbytes(o: OutputSpec) -> int:
     return math.prod(o.shape) * o.dtype.itemsize
 
 
-def shard_filename(index: int, count: int, group: str = "") -> str:
+def shard_filename(index: int, count: int, group: str = "", numbered: bool = False) -> str:
     """1-based ``index`` of ``count`` shards → ``model-00003-of-00008.safetensors``; in an
-    output group (``OutputSpec.group``) its stem: ``twin/math/exclusive-00001-of-00002…``."""
+    output group (``OutputSpec.group``) its stem: ``twin/math/exclusive-00001-of-00002…``.
+    ``numbered``: a single shard is ``-00001-of-00001`` too (an output that always has an index)."""
     stem = group or "model"
-    if count == 1:
+    if count == 1 and not numbered:
         return f"{stem}.safetensors"
     return f"{stem}-{index:05d}-of-{count:05d}.safetensors"
 
@@ -185,8 +186,8 @@ def _layout(filename: str, specs: list[OutputSpec]) -> ShardPlan:
     return ShardPlan(filename, tensors, header, offset, len(header) + offset)
 
 
-def plan_shards(outputs: list[OutputSpec], max_shard_bytes: int,
-                group: str = "") -> list[ShardPlan]:
+def plan_shards(outputs: list[OutputSpec], max_shard_bytes: int, group: str = "",
+                numbered: bool = False) -> list[ShardPlan]:
     """Split ``outputs`` (in plan order) into contiguous shards of at most ``max_shard_bytes``
     data bytes each (a larger tensor alone), with final names, offsets and headers."""
     if max_shard_bytes <= 0:
@@ -210,7 +211,8 @@ def plan_shards(outputs: list[OutputSpec], max_shard_bytes: int,
         groups[-1].append(o)
         current += n
     count = len(groups)
-    return [_layout(shard_filename(i + 1, count, group), g) for i, g in enumerate(groups)]
+    return [_layout(shard_filename(i + 1, count, group, numbered), g)
+            for i, g in enumerate(groups)]
 
 
 def index_json(plans: list[ShardPlan], version: str) -> dict:

@@ -31,7 +31,8 @@ REQUIRED: Any = object()
 #   "bool":    bool, no gradients                       "rescale": true | false | "l1"
 #   "choice":  one of ParamSpec.choices (str)           "structured": a map taken as is
 #   "rank":    a fraction in (0, 1], an int ≥ 1 or "full" (twin.md §1)
-PARAM_KINDS = ("float", "density", "bool", "rescale", "choice", "structured", "rank")
+#   "int":     an integer ≥ 1
+PARAM_KINDS = ("float", "density", "bool", "rescale", "choice", "structured", "rank", "int")
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,9 @@ class Method:
     entry_keys: tuple[str, ...] = ()
     """Keys a ``models`` entry may hold besides model/parameters (twin's ``name``)."""
     card_title: str | None = None
+    indexed_groups: tuple[str, ...] = ()
+    """Output groups whose files the model's index lists too (WEMoE's ``router``); a method
+    with any always writes the index, single shard included."""
 
     def plan_outputs(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, *,
                      params: dict[str, Any] | None = None, inputs: list[Any] | None = None,
@@ -199,6 +203,9 @@ class Method:
         ``params``: the method-wide parameters resolved for it; ``inputs``: the InputModels of
         its method inputs; ``warn(message)``: a plan warning (repeats are shown once)."""
         return [OutputSpec(name, shape, dtype)]
+
+    def check_plan(self, plan: Any) -> None:
+        """Plan-time checks that need the inputs' configs or headers (raise MergeError)."""
 
     def card_extra(self, plan: Any, reports: dict[str, dict]) -> dict[str, Any] | None:
         """Settings listed under the method in the model card."""

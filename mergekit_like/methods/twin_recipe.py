@@ -15,6 +15,14 @@ SHARED_KEYS = ("merge_method", "parameters")
 def check_twin_recipe(recipe) -> None:
     """Unique task names on every model, the ``shared`` sub-recipe valid for its own operator,
     no ``on_missing_tensor: skip``. Raises MergeError naming the recipe key."""
+    check_task_names(recipe)
+    _check_shared(recipe)
+
+
+def check_task_names(recipe) -> None:
+    """Every non-base model has a unique task ``name`` matching TASK_NAME, and every model
+    has every tensor (twin and wemoe store one part per task)."""
+    method = recipe.merge_method
     seen: dict[str, int] = {}
     for inp in recipe.inputs:
         if inp.is_base:
@@ -22,8 +30,8 @@ def check_twin_recipe(recipe) -> None:
         name = inp.extra.get("name")
         where = ("models", inp.index, "name") if name is not None else ("models", inp.index)
         if name is None:
-            raise recipe.locator.error(where, "twin needs a task 'name' on every model (it names "
-                                              "the folder under twin/ and the router's output)")
+            raise recipe.locator.error(where, f"{method} needs a task 'name' on every model (it "
+                                              "names the task's part and router output)")
         if not isinstance(name, str) or not TASK_NAME.match(name):
             raise recipe.locator.error(where, f"task name {name!r} must match "
                                               "[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -32,9 +40,8 @@ def check_twin_recipe(recipe) -> None:
                                               f"models[{seen[name]}])")
         seen[name] = inp.index
     if recipe.on_missing_tensor != "error":
-        raise recipe.locator.error(("on_missing_tensor",), "twin needs every tensor in every "
-                                                           "model (on_missing_tensor: error)")
-    _check_shared(recipe)
+        raise recipe.locator.error(("on_missing_tensor",), f"{method} needs every tensor in "
+                                                           "every model (on_missing_tensor: error)")
 
 
 def _check_shared(recipe) -> None:

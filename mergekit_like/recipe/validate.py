@@ -76,7 +76,7 @@ class _Checker:
             s = parse_setting(raw, structured=(p.kind == "structured"))
         except SettingFormError as exc:
             raise self.loc.error(path + exc.subpath, exc.message) from None
-        if p.kind in ("bool", "float", "density", "rank"):
+        if p.kind in ("bool", "float", "density", "rank", "int"):
             self._no_steps(p, s, path)
         if p.kind == "rank":
             self._fraction_gradients(p, s, path)
@@ -129,6 +129,10 @@ class _Checker:
             return f
         if kind == "rank":
             return self._rank(p, v, path)
+        if kind == "int":
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise self.loc.error(path, f"'{p.name}' must be an integer ≥ 1, got {_show(v)}")
+            return v
         if kind == "bool":
             if not isinstance(v, bool):
                 raise self.loc.error(path, f"'{p.name}' must be true or false, got {_show(v)}")

@@ -1,0 +1,59 @@
+"""WEMoE rows of the quality table (wemoe.md): the upscaled merge of the merged fine-tunes with
+untrained routers (exactly task arithmetic at λ), and after ``train-router`` on the merged
+tasks' validation texts without their labels (entropy minimisation)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from mergekit_like.zoo.build import Zoo
+from mergekit_like.zoo.quality_methods import RecipeMethod, run_merge_cli
+
+ROUTER_STEPS = 200
+
+
+@dataclass(frozen=True)
+class WEMoERow(RecipeMethod):
+    """``trained``: train the routers in ``build`` on the validation texts (prompt + answer as
+    one text, the task label dropped)."""
+
+    trained: bool = False
+
+    def recipe(self, zoo: Zoo, merged_tasks: Sequence[str], params: Any) -> dict:
+        doc = super().recipe(zoo, merged_tasks, params)
+        for entry, task in zip(doc["models"], merged_tasks):
+            entry["name"] = task
+        return doc
+
+    def build(self, zoo: Zoo, merged_tasks: Sequence[str], params: dict[str, Any],
+              out: Path) -> Path:
+        super().build(zoo, merged_tasks, params, out)
+        if self.trained:
+            data = out.with_name(out.name + "-texts.jsonl")
+            lines = []
+            for t in merged_tasks:
+                for line in zoo.split(t, "validation").read_text().splitlines():
+                    rec = json.loads(line)
+                    lines.append(json.dumps({"input_ids": rec["input_ids"] + rec["answer"]}))
+            data.write_text("\n".join(lines) + "\n")
+            run_merge_cli(["train-router", out, "--data", data, "--steps", ROUTER_STEPS, "-q"],
+                          f"train-router on {out}")
+        return out
+
+    def accuracy(self, folder: Path, examples: list, device: str,
+                 batch_size: int) -> dict[str, float]:
+        from mergekit_like.runtime import evaluate_accuracy
+        from mergekit_like.runtime.wemoe import load_wemoe
+
+        scores = evaluate_accuracy(load_wemoe(folder, device=device), examples,
+                                   batch_size=batch_size)
+        return {t: v for t, v in scores.items() if t != "average"}
+
+
+WEMOE_ROWS = [
+    WEMoERow("wemoe (untrained)", "wemoe", {}, sweep={"lambda": (0.3,)}),
+    WEMoERow("wemoe (train-router)", "wemoe", {}, sweep={"lambda": (0.3,)}, trained=True),
+]
