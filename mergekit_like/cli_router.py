@@ -29,12 +29,12 @@ def train_router(
     data: Path = typer.Option(..., "--data", help="JSON Lines: {\"text\"|\"input_ids\", \"task\"} "
                               "per line (Twin: task labels required; WEMoE: unlabeled, an optional "
                               "task only balances batches)."),
-    lr: float | None = typer.Option(None, "--lr", help="Learning rate [default: Twin 5e-4 "
-                                    "(AdamW), WEMoE 1e-4 (Adam)]."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate; default: Twin 5e-4 "
+                                    "(AdamW), WEMoE 1e-4 (Adam)."),
     epochs: int = typer.Option(50, "--epochs", help="Twin: training epochs (the best on "
                                "validation is kept)."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size [default: "
-                                          "Twin 256 (≥ 2), WEMoE 8 texts per micro-batch]."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size; default: Twin "
+                                          "256 (≥ 2), WEMoE 8 texts per micro-batch."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split, initialisation, shuffles and "
                              "dropout (Twin) or of the batch order (WEMoE)."),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Twin: stratified held-out "
@@ -52,8 +52,9 @@ def train_router(
                                          "texts for the perplexity guard."),
     eval_every: int = typer.Option(50, "--eval-every", help="WEMoE: steps between held-out "
                                    "evaluations (with --val-data)."),
-    keep: str | None = typer.Option(None, "--keep", help="WEMoE: best | last routers [default: "
-                                    "best with --val-data, else last]."),
+    keep: str | None = typer.Option(None, "--keep", help="WEMoE: keep the best (lowest held-out "
+                                    "perplexity) or last routers; default: best with "
+                                    "--val-data, else last."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto = CUDA when available)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:

@@ -178,8 +178,9 @@ def sample_entropy(model, ids: torch.Tensor, mask: torch.Tensor,
                    chunk: int = ENTROPY_CHUNK) -> torch.Tensor:
     """Per-sample mean next-token entropy [B] float32 over the real positions of ids, mask [B, N].
 
-    Only real positions are gathered from the logits, ``chunk`` at a time; under autograd each
-    chunk's softmax is checkpointed (recomputed in backward), so the extra memory is chunk·V.
+    Only real positions are gathered from the logits [B, N, V], ``chunk`` at a time; under
+    autograd each chunk's softmax is checkpointed (recomputed in backward), so beyond the
+    logits themselves the entropy keeps about chunk·V floats alive, not B·N·V.
     """
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, N, V]
     flat = logits.reshape(-1, logits.shape[-1])

@@ -28,6 +28,14 @@ def wemoe_doc(family, out_dtype="float32", weights=(1.0, 1.0), **params):
             "parameters": params, "dtype": "float32", "out_dtype": out_dtype}
 
 
+def ta_doc(family, weights, lam=0.3):
+    """The task_arithmetic recipe WEMoE's static part (and untrained model) must equal."""
+    return {"merge_method": "task_arithmetic", "base_model": str(family[0]),
+            "models": [{"model": str(f), "parameters": {"weight": w}}
+                       for f, w in zip(family[1:], weights)],
+            "parameters": {"lambda": lam}, "dtype": "float32", "out_dtype": "float32"}
+
+
 def merge(tmp_path, capsys, doc, name="up"):
     recipe = write_recipe(tmp_path / f"{name}.yml", doc)
     out = tmp_path / name
@@ -83,11 +91,7 @@ def load_folder_router(out):
 def test_static_part_is_the_task_arithmetic_merge_bit_for_bit(family, tmp_path, capsys):
     code, out, err = merge(tmp_path, capsys, wemoe_doc(family, weights=(1.0, 0.5)))
     assert code == 0, err
-    ta = {"merge_method": "task_arithmetic", "base_model": str(family[0]),
-          "models": [{"model": str(f), "parameters": {"weight": w}}
-                     for f, w in zip(family[1:], (1.0, 0.5))],
-          "parameters": {"lambda": 0.3}, "dtype": "float32", "out_dtype": "float32"}
-    code, ta_out, err = merge(tmp_path, capsys, ta, name="ta")
+    code, ta_out, err = merge(tmp_path, capsys, ta_doc(family, (1.0, 0.5)), name="ta")
     assert code == 0, err
     got, want = load_folder(out), load_folder(ta_out)
     static = [n for n in want if ".mlp." not in n]
@@ -168,11 +172,7 @@ def test_untrained_output_computes_the_task_arithmetic_model(family, tmp_path, c
 
     code, out, err = merge(tmp_path, capsys, wemoe_doc(family, weights=(1.0, 0.5)))
     assert code == 0, err
-    ta = {"merge_method": "task_arithmetic", "base_model": str(family[0]),
-          "models": [{"model": str(f), "parameters": {"weight": w}}
-                     for f, w in zip(family[1:], (1.0, 0.5))],
-          "parameters": {"lambda": 0.3}, "dtype": "float32", "out_dtype": "float32"}
-    code, ta_out, err = merge(tmp_path, capsys, ta, name="ta")
+    code, ta_out, err = merge(tmp_path, capsys, ta_doc(family, (1.0, 0.5)), name="ta")
     assert code == 0, err
     ids = torch.tensor([[1, 5, 9, 13, 2, 7], [1, 3, 3, 40, 41, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])

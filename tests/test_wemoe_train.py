@@ -132,7 +132,7 @@ def test_same_seed_same_routers(pristine, tmp_path, capsys):
     routers = []
     for k, seed in enumerate([3, 3, 4]):
         folder = Path(shutil.copytree(pristine["out"], tmp_path / f"o{k}"))
-        code, _, err = train(folder, pristine["train"], capsys, "--seed", seed, "--steps", "4",
+        code, _, err = train(folder, pristine["train"], capsys, "--seed", seed, "--steps", "3",
                              "--grad-accum", "2", "--batch-size", "4")
         assert code == 0, err
         routers.append(load_file(str(folder / ROUTER)))

@@ -42,9 +42,13 @@ def check_layout(plan) -> None:
                          "(every decoder layer needs mlp.down_proj)")
 
 
+def _down_proj_job(plan):
+    return next(j for j in plan.jobs if j.name.endswith("mlp.down_proj.weight"))
+
+
 def _resolved(plan) -> dict[str, Any]:
     """λ, router width and expert settings as resolved for the first down_proj."""
-    job = next(j for j in plan.jobs if j.name.endswith("mlp.down_proj.weight"))
+    job = _down_proj_job(plan)
     params = dict(job.params)
     params["router_hidden"] = params.get("router_hidden") or job.info.shape[0]
     return params
@@ -76,6 +80,8 @@ def wemoe_config(plan) -> dict[str, Any]:
             "forward": "auto",
             "materialize_budget_mb": MATERIALIZE_BUDGET_MB,
             "modeling_sha256": hashlib.sha256(code).hexdigest(),
+            "seed": plan.recipe.seed,                       # router init (train-router --reinit)
+            "weights": [float(mp["weight"]) for mp in _down_proj_job(plan).model_params],
         },
     })
     return config

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 from mergekit_like.zoo.build import Zoo
 from mergekit_like.zoo.quality_methods import Log, Method, RecipeMethod
 from mergekit_like.zoo.quality_twin import TWIN_ROWS
+from mergekit_like.zoo.quality_wemoe import WEMOE_ROWS
 
 SYMBOLS = {"lambda": "λ"}  # how a parameter name is printed in a row label
 
@@ -25,6 +26,7 @@ METHODS: list[Method] = [
     RecipeMethod("dare_ties", "dare_ties", {"weight": 1.0, "density": 0.5},
                  sweep={"lambda": LAMBDAS}, seed=0),
     *TWIN_ROWS,
+    *WEMOE_ROWS,
 ]
 
 

@@ -41,6 +41,8 @@ class RecipeMethod:
     sweep: Mapping[str, Sequence[Any]] = field(default_factory=dict)
     fixed: Mapping[str, Any] = field(default_factory=dict)
     seed: int | None = None
+    named: bool = False
+    """Give each model entry its task as ``name`` (twin, wemoe)."""
 
     def candidates(self) -> list[dict[str, Any]]:
         keys = list(self.sweep)
@@ -59,6 +61,9 @@ class RecipeMethod:
         }
         if self.seed is not None:
             doc["seed"] = self.seed
+        if self.named:
+            for entry, task in zip(doc["models"], merged_tasks):
+                entry["name"] = task
         return doc
 
     def build(self, zoo: Zoo, merged_tasks: Sequence[str], params: dict[str, Any],

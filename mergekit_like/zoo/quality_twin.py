@@ -22,12 +22,6 @@ class TwinRow(RecipeMethod):
 
     routed: bool = False
 
-    def recipe(self, zoo: Zoo, merged_tasks: Sequence[str], params: Any) -> dict:
-        doc = super().recipe(zoo, merged_tasks, params)
-        for entry, task in zip(doc["models"], merged_tasks):
-            entry["name"] = task
-        return doc
-
     def build(self, zoo: Zoo, merged_tasks: Sequence[str], params: dict[str, Any],
               out: Path) -> Path:
         super().build(zoo, merged_tasks, params, out)
@@ -64,6 +58,8 @@ class TwinRow(RecipeMethod):
 
 
 TWIN_ROWS = [
-    TwinRow("twin (oracle task id)", "twin", {}, fixed={"rank": TWIN_RANK, "svd": "exact"}),
-    TwinRow("twin (routed)", "twin", {}, fixed={"rank": TWIN_RANK, "svd": "exact"}, routed=True),
+    TwinRow("twin (oracle task id)", "twin", {}, fixed={"rank": TWIN_RANK, "svd": "exact"},
+           named=True),
+    TwinRow("twin (routed)", "twin", {}, fixed={"rank": TWIN_RANK, "svd": "exact"},
+            named=True, routed=True),
 ]

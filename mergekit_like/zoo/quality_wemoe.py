@@ -22,12 +22,6 @@ class WEMoERow(RecipeMethod):
 
     trained: bool = False
 
-    def recipe(self, zoo: Zoo, merged_tasks: Sequence[str], params: Any) -> dict:
-        doc = super().recipe(zoo, merged_tasks, params)
-        for entry, task in zip(doc["models"], merged_tasks):
-            entry["name"] = task
-        return doc
-
     def build(self, zoo: Zoo, merged_tasks: Sequence[str], params: dict[str, Any],
               out: Path) -> Path:
         super().build(zoo, merged_tasks, params, out)
@@ -54,6 +48,7 @@ class WEMoERow(RecipeMethod):
 
 
 WEMOE_ROWS = [
-    WEMoERow("wemoe (untrained)", "wemoe", {}, sweep={"lambda": (0.3,)}),
-    WEMoERow("wemoe (train-router)", "wemoe", {}, sweep={"lambda": (0.3,)}, trained=True),
+    WEMoERow("wemoe (untrained)", "wemoe", {}, sweep={"lambda": (0.3,)}, named=True),
+    WEMoERow("wemoe (train-router)", "wemoe", {}, sweep={"lambda": (0.3,)}, named=True,
+             trained=True),
 ]
