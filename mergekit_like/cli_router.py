@@ -124,13 +124,9 @@ def read_task_labels(path: Path, tasks: list[str]) -> tuple[list[str], list[str]
     bundle's ``tasks`` before any model is loaded; returns (labels, warnings). A line that is not
     a JSON object, has no string ``task``, or names an unknown task is an error ``FILE:LINE: …``;
     a task without any line is an error naming the task; fewer than 32 lines draw a warning."""
-    if not path.is_file():
-        raise MergeError(f"{path}: no such data file")
-    labels = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                labels.append(_line_task(line, f"{path}:{number}", tasks))
+    from mergekit_like.runtime.data import numbered_lines
+
+    labels = [_line_task(line, where, tasks) for where, line in numbered_lines(path)]
     if not labels:
         raise MergeError(f"{path}: no examples (expected one JSON object per line)")
     counts = Counter(labels)

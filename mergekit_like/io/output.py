@@ -17,17 +17,16 @@ may skip), ``shard_path``/``mark_done`` for the writer, ``write_side_file`` for 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import struct
 import time
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mergekit_like import __version__
 from mergekit_like.errors import MergeError
+from mergekit_like.io.fs import _fsync_dir, _remove, _tree_bytes, pid_alive, read_header_sha256  # noqa: F401
 from mergekit_like.io.local import safe_relpath
 from mergekit_like.io.shards import ShardPlan, format_bytes
 from mergekit_like.io.writer import _is_disk_full, disk_full_error
@@ -37,77 +36,6 @@ STATE_FILE = "state.json"
 DONE_DIR = "done"
 FREE_SPACE_MARGIN = 1.02
 _FRESH_LOCK_S = 10.0  # an unreadable lock younger than this is taken as held (being written)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        path.unlink()
-
-
-def _tree_bytes(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
-    return total
-
-
-def pid_alive(pid: int) -> bool:
-    """A live process with this pid on this host (zombies count as dead)."""
-    if pid <= 0:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    try:  # a zombie (killed, not yet reaped) is dead for our purposes
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return stat[stat.rfind(b")") + 2:][:1] != b"Z"
-    except OSError:
-        return True
-
-
-def read_header_sha256(path: Path) -> str | None:
-    """sha256 of a safetensors file's length prefix + header, or None if unreadable."""
-    try:
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) != 8:
-                return None
-            (n,) = struct.unpack("<Q", prefix)
-            if n > 100 * 1024 * 1024:
-                return None
-            header = f.read(n)
-            if len(header) != n:
-                return None
-    except OSError:
-        return None
-    return hashlib.sha256(prefix + header).hexdigest()
 
 
 def _marker_name(shard: str) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -39,16 +39,21 @@ class Example:
         return self.input_ids + (self.answer_ids or [])
 
 
-def read_examples(path: str | Path, tokenizer: Any | None = None) -> list[Example]:
-    """Every example of the JSON Lines file ``path`` (blank lines skipped), in file order."""
+def numbered_lines(path: str | Path) -> Iterator[tuple[str, str]]:
+    """(``FILE:LINE``, text) of every non-blank line of a JSON Lines file; a missing file is a
+    MergeError naming it."""
     path = Path(path)
     if not path.is_file():
         raise MergeError(f"{path}: no such data file")
-    examples = []
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if line.strip():
-                examples.append(_parse_line(line, f"{path}:{number}", tokenizer))
+                yield f"{path}:{number}", line
+
+
+def read_examples(path: str | Path, tokenizer: Any | None = None) -> list[Example]:
+    """Every example of the JSON Lines file ``path`` (blank lines skipped), in file order."""
+    examples = [_parse_line(line, where, tokenizer) for where, line in numbered_lines(path)]
     if not examples:
         raise MergeError(f"{path}: no examples (expected one JSON object per line)")
     return examples

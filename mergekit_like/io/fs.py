@@ -1,0 +1,81 @@
+"""Small filesystem helpers of the output folder (io/output.py): directory fsync, removal,
+tree size, whether a lock's pid is alive, and a shard's header hash (for resume)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import struct
+from pathlib import Path
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def pid_alive(pid: int) -> bool:
+    """A live process with this pid on this host (zombies count as dead)."""
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    try:  # a zombie (killed, not yet reaped) is dead for our purposes
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rfind(b")") + 2:][:1] != b"Z"
+    except OSError:
+        return True
+
+
+def read_header_sha256(path: Path) -> str | None:
+    """sha256 of a safetensors file's length prefix + header, or None if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) != 8:
+                return None
+            (n,) = struct.unpack("<Q", prefix)
+            if n > 100 * 1024 * 1024:
+                return None
+            header = f.read(n)
+            if len(header) != n:
+                return None
+    except OSError:
+        return None
+    return hashlib.sha256(prefix + header).hexdigest()
