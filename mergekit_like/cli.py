@@ -299,9 +299,11 @@ def version() -> None:
 
 
 from mergekit_like.cli_router import train_router  # noqa: E402 - after app is defined
+from mergekit_like.cli_importance import importance_app  # noqa: E402
 from mergekit_like.cli_twin import twin_app  # noqa: E402
 
 app.add_typer(twin_app, name="twin")
+app.add_typer(importance_app, name="importance")
 app.command(name="train-router")(train_router)
 
 

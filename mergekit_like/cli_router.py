@@ -8,7 +8,6 @@ here; a WEMoE folder (config.json ``model_type: "wemoe"``) by ``mergekit_like.we
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -140,12 +139,9 @@ def read_task_labels(path: Path, tasks: list[str]) -> tuple[list[str], list[str]
 
 
 def _line_task(line: str, where: str, tasks: list[str]) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise MergeError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-    if not isinstance(record, dict):
-        raise MergeError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    from mergekit_like.runtime.data import json_object
+
+    record = json_object(line, where)
     task = record.get("task")
     if task is None:
         raise MergeError(f"{where}: no \"task\" (router data labels every line with its task)")

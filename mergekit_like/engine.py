@@ -60,6 +60,7 @@ class MergeOptions:
 class JobInputs:
     base: torch.Tensor | None
     inputs: list[torch.Tensor]
+    side: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -283,6 +284,8 @@ def _announce_reads(plan: MergePlan, jobs: list[TensorJob]) -> None:
             per_source.setdefault(pos, []).append(job.name)
     for pos, source in enumerate(plan.sources):
         source.plan_reads(per_source.get(pos, []))
+    for source in plan.side.values():
+        source.plan_reads([job.name for job in jobs if job.merge and job.name in source.tensors()])
 
 
 # ---- read ---------------------------------------------------------------------------------
@@ -299,9 +302,13 @@ def read_job(plan: MergePlan, job: TensorJob, options: MergeOptions) -> JobInput
         if plan.base_pos is not None:
             base = _read_checked(plan, plan.base_pos, job.name, options)
         inputs = [_read_checked(plan, pos, job.name, options) for pos in job.participants]
-        result = JobInputs(base, inputs)
+        side = {label: src.read_tensor(job.name) for label, src in plan.side.items()
+                if job.name in src.tensors()}
+        result = JobInputs(base, inputs, side)
     for pos in _reads_of(plan, job):
         plan.sources[pos].release(job.name)
+    for label in result.side:
+        plan.side[label].release(job.name)
     return result
 
 
@@ -346,6 +353,7 @@ def merge_job(plan: MergePlan, job: TensorJob, inputs: JobInputs, options: Merge
         seed=plan.recipe.seed,
         t=job.t,
         input_extra=[plan.inputs[pos].extra for pos in job.participants],
+        side={label: t.to(device, non_blocking=True) for label, t in inputs.side.items()},
         block_elems=options.block_elems,
         device=device,
         workers=options.workers,

@@ -62,8 +62,9 @@ def write_side_files(plan: MergePlan, folder: OutputFolder, groups: dict[str, li
               else f"{inp.ref.path} (commit {inp.ref.sha})" for inp in plan.inputs]
     hub_models = [inp.ref.path for inp in sorted(plan.inputs, key=lambda i: not i.is_base)
                   if not inp.ref.is_local]  # the card's base_model lists Hub ids only
-    extra = {"seed": recipe.seed, "random mask scheme": MASK_SCHEME} \
-        if recipe.merge_method.startswith("dare") else plan.method.card_extra(plan, reports)
+    extra = plan.method.card_extra(plan, reports)
+    if recipe.merge_method.startswith("dare"):
+        extra = {"seed": recipe.seed, "random mask scheme": MASK_SCHEME, **(extra or {})}
     folder.write_side_file("README.md", model_card(
         method=recipe.merge_method, base_models=hub_models, models=models,
         recipe_text=recipe.text, extra=extra, title=plan.method.card_title))
@@ -75,6 +76,7 @@ def resume_key(plan: MergePlan, shards: list[ShardPlan], options) -> str:
     payload = {
         "recipe": plan.recipe.resolved(),
         "inputs": [s.identity() for s in plan.sources],
+        "side": {label: s.identity() for label, s in plan.side.items()},
         "shards": [[s.filename, [[t.name, str(t.dtype), list(t.shape)] for t in s.tensors]]
                    for s in shards],
         "out_shard_bytes": options.out_shard_bytes,

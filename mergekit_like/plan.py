@@ -43,6 +43,8 @@ class TensorJob:
         reads = [plan.tensor_info(p, self.name).nbytes for p in self.participants]
         if plan.base_pos is not None and plan.base_pos not in self.participants:
             reads.append(plan.tensor_info(plan.base_pos, self.name).nbytes)
+        reads += [src.tensors()[self.name].nbytes for src in plan.side.values()
+                  if self.name in src.tensors()]
         return sum(reads)
 
 
@@ -60,13 +62,15 @@ class MergePlan:
     compute_dtype: torch.dtype
     tokenizer: CheckpointSource  # the tokenizer_source donor (may be one of sources)
     warnings: list[str] = field(default_factory=list)
+    side: dict[str, CheckpointSource] = field(default_factory=dict)
+    """Side inputs (``Method.side_inputs``) by label, read per tensor like the models."""
 
     @property
     def reference(self) -> CheckpointSource:
         return self.sources[self.reference_pos]
 
     def close(self) -> None:
-        for s in {id(s): s for s in [*self.sources, self.tokenizer]}.values():
+        for s in {id(s): s for s in [*self.sources, self.tokenizer, *self.side.values()]}.values():
             s.close()
 
     def tensor_info(self, pos: int, name: str) -> TensorInfo:
@@ -177,6 +181,9 @@ def _plan(recipe: Recipe, inputs: list[InputModel], sources: list[CheckpointSour
     headers = [s.tensors() for s in sources]
     base_pos = next((i for i, inp in enumerate(inputs) if inp.is_base), None)
     reference_pos = base_pos if base_pos is not None else 0
+    chosen = method.reference_input(recipe)
+    if chosen is not None:
+        reference_pos = chosen
     method_inputs = [i for i, inp in enumerate(inputs)
                      if not inp.is_base or spec.base_joins_inputs]
     if spec.base_joins_inputs:
@@ -210,12 +217,31 @@ def _plan(recipe: Recipe, inputs: list[InputModel], sources: list[CheckpointSour
                                       warn=warnings.append)
         jobs.append(TensorJob(name, info, t, True, participants, model_params, params, outputs))
 
-    donor = tokenizer_donor(recipe, inputs, sources, open_source)
+    donor = tokenizer_donor(recipe, inputs, sources, open_source, reference_pos)
     _check_tokenizer_vocab(donor, ref_header)
     plan = MergePlan(recipe, method, inputs, sources, headers, reference_pos, base_pos,
                      method_inputs, jobs, compute_dtype, donor, warnings)
-    method.check_plan(plan)
+    try:
+        for label, folder in method.side_inputs(plan).items():
+            plan.side[label] = open_side_input(folder, label)
+        method.check_plan(plan)
+    except BaseException:
+        for src in plan.side.values():
+            src.close()
+        raise
     return plan
+
+
+def open_side_input(folder: Any, label: str) -> CheckpointSource:
+    """A local folder of safetensors keyed like a model (an importance map, a mask)."""
+    from pathlib import Path
+
+    from mergekit_like.io.local import LocalSource
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise MergeError(f"{label}: no such folder")
+    return LocalSource(path, label)
 
 
 def _check_tokenizer_vocab(donor: CheckpointSource, ref_header: dict[str, TensorInfo]) -> None:
@@ -229,11 +255,14 @@ def _check_tokenizer_vocab(donor: CheckpointSource, ref_header: dict[str, Tensor
 
 
 def tokenizer_donor(recipe: Recipe, inputs: list[InputModel], sources: list[CheckpointSource],
-                    open_source: SourceOpener) -> CheckpointSource:
-    """tokenizer_source if set (opened if it is not an input), else the base, else model 0."""
+                    open_source: SourceOpener, reference_pos: int | None = None) -> CheckpointSource:
+    """tokenizer_source if set (opened if it is not an input), else the method's reference
+    model (``Method.reference_input``), else the base, else model 0."""
     want = recipe.tokenizer_source
     if want is None:
         pos = next((i for i, inp in enumerate(inputs) if inp.is_base), 0)
+        if reference_pos is not None and recipe.method.reference_input(recipe) is not None:
+            pos = reference_pos
         return sources[pos]
     for inp, src in zip(inputs, sources):
         if inp.ref.path == want.path and inp.ref.revision == want.revision:

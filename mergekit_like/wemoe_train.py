@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from mergekit_like.errors import MergeError
 from mergekit_like.runtime.data import Example, check_token_ids, pad_batch, read_examples
 from mergekit_like.runtime.evaluate import evaluate_perplexity
+from mergekit_like.runtime.hooks import enable_checkpointing
 from mergekit_like.runtime.metrics import next_token_entropy
 
 ROUTER_FILE = "router.safetensors"
@@ -112,7 +113,7 @@ def train_wemoe_router(root: Path, data: Path, settings: WemoeTrainSettings, *,
         initial = initial_routers(root, config, {n: p.shape for n, p in routers.items()})
         _load_state(routers, initial)
     if settings.gradient_checkpointing:
-        _enable_checkpointing(loaded.model)
+        enable_checkpointing(loaded.model)
     result = _fit(loaded, routers, train, val, settings, keep, quiet, console)
     with safe_open(str(root / ROUTER_FILE), framework="pt") as f:
         old = dict(f.metadata() or {})
@@ -356,20 +357,4 @@ def _load_state(routers: dict, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for n, p in routers.items():
             p.copy_(state[n].to(p.device, p.dtype))
-
-
-def _enable_checkpointing(model) -> None:
-    """Activation checkpointing of the decoder layers, which transformers applies only to modules
-    in training mode: the checkpointed layers alone are flagged training (their children, hence
-    dropout and the like, stay in eval mode)."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
-        model, "gradient_checkpointing_enable", None)
-    if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
-        raise MergeError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    enable()
-    for module in model.modules():
-        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
-            module.training = True
 

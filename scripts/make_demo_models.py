@@ -5,6 +5,11 @@
 Writes demo_models/base and demo_models/ft1..ft3: Llama-shaped (4 layers, hidden 64), each
 fine-tune = base + a small random task vector. ft2 is sharded, so the example merges also
 exercise inputs with different shard layouts. Nothing is downloaded.
+
+For recipes/rcp.yml it also writes RCP importance maps with the real commands (needs
+transformers, the ``[test]``/``[runtime]`` extra): calibration texts of random token ids
+(demo_models/calibration/*.jsonl), ``importance fisher`` on ft1 (the "reasoning" model) and
+``importance rcp-votes`` on ft2 (the "domain" model) at λ = 1e3 → demo_models/rcp_votes_1e3.
 """
 
 from __future__ import annotations
@@ -27,6 +32,35 @@ def main() -> None:
                           shard_bytes=[None, None, 60_000, None])
     for folder in folders:
         print(f"wrote {folder}")
+    demo_importance(args.out)
+
+
+def demo_importance(root: Path, n_texts: int = 8, length: int = 24) -> None:
+    import importlib.util
+    import json
+    import random
+
+    from mergekit_like.cli import main as cli
+
+    if importlib.util.find_spec("transformers") is None:
+        print("skipped the RCP importance maps (recipes/rcp.yml): transformers is not installed")
+        return
+    rng = random.Random(0)
+    data = root / "calibration"
+    data.mkdir(parents=True, exist_ok=True)
+    for name in ("reasoning", "domain"):
+        lines = [json.dumps({"input_ids": [rng.randrange(LlamaShape().vocab_size)
+                                           for _ in range(length)]}) for _ in range(n_texts)]
+        (data / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    steps = [["importance", "fisher", "--model", root / "ft1", "--data", data / "reasoning.jsonl",
+              "--out", root / "fisher_ft1"],
+             ["importance", "rcp-votes", "--model", root / "ft2", "--reasoning", root / "ft1",
+              "--fisher", root / "fisher_ft1", "--data", data / "domain.jsonl",
+              "--out", root / "rcp_votes", "--penalty-lambda", "1e3"]]
+    for args in steps:
+        if cli([str(a) for a in args] + ["--device", "cpu", "--overwrite", "-q"]) != 0:
+            raise SystemExit(f"failed: mergekit-like {' '.join(map(str, args))}")
+    print(f"wrote {root / 'fisher_ft1'} and {root / 'rcp_votes_1e3'}")
 
 
 if __name__ == "__main__":

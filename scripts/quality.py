@@ -6,7 +6,8 @@
 Builds or reuses the zoos (see scripts/zoo.py), merges each zoo's skill-task fine-tunes with every
 method of ``mergekit_like.zoo.quality.METHODS`` through the ``merge`` command, picks each method's
 hyper-parameters on that zoo's validation split, and prints a markdown table of test accuracy
-averaged over the zoos (stdout; progress on stderr). Merged models go to --work (default: a
+averaged over the zoos; then the same for the reasoning fine-tune merged with the domain
+fine-tune (``quality_rcp.RCP_ROWS``: task arithmetic, TIES, RCP, rcp_approx) (stdout; progress on stderr). Merged models go to --work (default: a
 temporary folder, removed afterwards).
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from mergekit_like.zoo import PRESETS, Zoo
 from mergekit_like.zoo.build import build_zoos, seed_dir, to_stderr
 from mergekit_like.zoo.quality import format_table, run_quality
+from mergekit_like.zoo.quality_rcp import DOMAIN, REASONING, RCP_ROWS, format_gains
 from mergekit_like.zoo.script_args import add_zoo_arguments, zoo_request
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,11 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     zoos = [Zoo.open(seed_dir(folder, s)) for s in seeds]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="zoo-quality-") as tmp:
-        report = run_quality(zoos, args.work or Path(tmp), device=args.device, log=to_stderr)
+        work = args.work or Path(tmp)
+        report = run_quality(zoos, work, device=args.device, log=to_stderr)
+        rcp = run_quality(zoos, work / "reasoning-domain", methods=RCP_ROWS,
+                          merged_tasks=[REASONING, DOMAIN], device=args.device, log=to_stderr)
     built = ", ".join(f"seed {s}: {m['settings_hash']}, built in {m['build_seconds']:.0f} s"
                       for s, m in zip(seeds, manifests))
     print(f"{preset} zoo ({built})\n")
     print(format_table(report))
+    print(f"\n### Reasoning + domain ({REASONING} + {DOMAIN})\n")
+    print(format_table(rcp))
+    print()
+    print(format_gains(rcp))
     to_stderr(f"quality: {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -21,6 +21,26 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def expect_merge_error(tmp_path: Path, capsys, doc: dict | str, *needles: str,
+                       extra: tuple = ()) -> str:
+    """``merge`` of ``doc`` fails the way bad input must: exit code 2, one ``error:`` line on
+    stderr holding every needle, no traceback, nothing at OUT and no partial folder or lock
+    left beside it. Returns the error line."""
+    recipe = write_recipe(tmp_path / "recipe.yml", doc)
+    out = tmp_path / "out"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = run_cli(["merge", recipe, out, "-q", *extra], capsys)
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("warning:")]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no partial folder, no lock
+    return lines[0]
+
+
 def write_recipe(path: Path, doc: dict | str) -> Path:
     path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc, sort_keys=False))
     return path

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from helpers import load_folder, run_cli, write_recipe
+from helpers import expect_merge_error as expect_error, load_folder, run_cli, write_recipe
 from safetensors.torch import load_file, save_file
 
 from mergekit_like.demo import LlamaShape, make_family
@@ -29,20 +29,6 @@ def ta_recipe(fam, **over):
     return doc
 
 
-def expect_error(tmp_path, capsys, doc, *needles, extra=()):
-    recipe = write_recipe(tmp_path / "recipe.yml", doc)
-    out = tmp_path / "out"
-    before = sorted(p.name for p in tmp_path.iterdir())
-    code, _, err = run_cli(["merge", recipe, out, "-q", *extra], capsys)
-    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("warning:")]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no partial folder, no lock
-    return lines[0]
 
 
 def test_unknown_method(fam, tmp_path, capsys):

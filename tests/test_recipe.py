@@ -77,8 +77,7 @@ def test_unknown_method_with_suggestion_and_known_list(err):
     msg = err("merge_method: dare-ties\nbase_model: org/b\nmodels: [{model: org/a}]\n")
     assert msg == ("recipe.yml:1 merge_method: unknown method 'dare-ties'; did you mean "
                    "'dare_ties'? (known: linear, slerp, task_arithmetic, ties, dare_ties, "
-                   "dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, rcp, "
-                   "rcp_approx)")
+                   "dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear)")
 
 
 def test_required_weight_missing(err):

@@ -96,7 +96,7 @@ class SharedSources:
 def read_signature(plan: MergePlan) -> tuple:
     """Points with equal signatures read the same tensors from the same sources in the same
     order and lay out the same output shards: they can share a pass."""
-    return (tuple(id(s) for s in plan.sources), plan.base_pos,
+    return (tuple(id(s) for s in plan.sources), plan.base_pos, tuple(sorted(plan.side)),
             tuple((o.name, tuple(o.shape), str(o.dtype)) for o in plan.outputs),
             tuple((j.name, j.merge, tuple(j.participants)) for j in plan.jobs))
 

@@ -9,10 +9,10 @@ import pkgutil
 from mergekit_like.methods.base import Method
 
 # Methods mergekit or our specs name that are not implemented yet: recognised, refused clearly.
-PLANNED = ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "rcp", "rcp_approx")
+PLANNED = ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
 # Display order of method lists (recipe.md); methods not named here follow alphabetically.
 DISPLAY_ORDER = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "twin",
-                 "wemoe") + PLANNED
+                 "wemoe", "rcp", "rcp_approx") + PLANNED
 
 _REGISTRY: dict[str, Method] = {}
 

@@ -31,8 +31,9 @@ REQUIRED: Any = object()
 #   "bool":    bool, no gradients                       "rescale": true | false | "l1"
 #   "choice":  one of ParamSpec.choices (str)           "structured": a map taken as is
 #   "rank":    a fraction in (0, 1], an int ≥ 1 or "full" (twin.md §1)
-#   "int":     an integer ≥ 1
-PARAM_KINDS = ("float", "density", "bool", "rescale", "choice", "structured", "rank", "int")
+#   "int":     an integer ≥ 1                           "penalty": a float ≥ 0, .inf allowed
+PARAM_KINDS = ("float", "density", "bool", "rescale", "choice", "structured", "rank", "int",
+               "penalty")
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,9 @@ class TensorTask:
     report: dict | None = None
     """An operator may put JSON-able facts about this tensor here (Twin: the energy kept);
     the engine hands every tensor's report to ``Method.side_files`` at the end."""
+    side: dict[str, torch.Tensor] = field(default_factory=dict)
+    """This tensor's entry in each side input (``Method.side_inputs``) that has it, by label, in
+    its stored dtype on the compute device (RCP: the domain model's votes)."""
     memo: dict | None = None
     """Shared by the points of a grid pass for this tensor only: operators may cache results
     that depend on the inputs and their own key alone (TIES thresholds), never the output."""
@@ -203,6 +207,17 @@ class Method:
         ``params``: the method-wide parameters resolved for it; ``inputs``: the InputModels of
         its method inputs; ``warn(message)``: a plan warning (repeats are shown once)."""
         return [OutputSpec(name, shape, dtype)]
+
+    def reference_input(self, recipe: Any) -> int | None:
+        """Position in ``recipe.inputs`` of the reference model (tensor set, config.json,
+        tokenizer), when it is not the usual base / first model (RCP: the reasoning model)."""
+        return None
+
+    def side_inputs(self, plan: Any) -> dict[str, Any]:
+        """Folders keyed like the model that the merge reads per tensor beside the models
+        (label → local path; RCP votes, masks). The plan opens them before ``check_plan``;
+        each job's tensors of the same name reach the operator as ``TensorTask.side``."""
+        return {}
 
     def check_plan(self, plan: Any) -> None:
         """Plan-time checks that need the inputs' configs or headers (raise MergeError)."""

@@ -3,7 +3,8 @@
 Every task-vector method computes, per tensor (operators.md §2), with b the base, x_i the
 models, w_i their weights and δ_i = x_i − b::
 
-    δ̂_i = sparsify(δ_i; d_i)                        identity for task_arithmetic
+    δ̂_i = keep_i ⊙ sparsify(δ_i; d_i)               sparsify: identity for task_arithmetic
+          keep_i = [I_i > X] ∧ ¬protect_i            all-true without mask/protect (masks.py)
     W_i = w_i·δ̂_i
     consensus:  S = Σ_i W_i ;  s = +1 where S ≥ 0 else −1
                 m_i = [sign(W_i) == s] ;  Δ = Σ_i m_i·W_i ;  D = Σ_i m_i·w_i ;  D[D == 0] = 1
@@ -11,9 +12,11 @@ models, w_i their weights and δ_i = x_i − b::
     normalize:  Δ = Δ / D
     out = b + λ·Δ
 
-The pure functions below work on flat float32/float64 tensors of equal shape; sums run in model
-order. ``TaskVectorMethod`` at the bottom adapts them to the engine (pieces, sparsifiers,
-rescaling) and is subclassed by ``ties.py`` and ``dare.py``.
+keep_i applies to the trimmed / dropped / rescaled δ_i, before w_i and the election: a TIES
+density stays relative to the unmasked δ_i and "l1" factors ignore it. The pure functions below
+work on flat float32/float64 tensors of equal shape; sums run in model order.
+``TaskVectorMethod`` at the bottom adapts them to the engine (pieces, sparsifiers, rescaling,
+masks) and is subclassed by ``ties.py`` and ``dare.py``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from mergekit_like.errors import MergeError
+from mergekit_like.methods import masks
 from mergekit_like.methods.base import REQUIRED, Method, MethodSpec, ParamSpec, TensorTask
 from mergekit_like.methods.tiling import (Scratch, buffer, copy_of, exact_total, pieces,
                                           present, row_elems, row_sums, run_parallel, spans)
@@ -173,6 +177,18 @@ class TaskVectorMethod(Method):
                         scratch: Scratch) -> Sparsifier | None:
         return None
 
+    def check_recipe(self, recipe: Any) -> None:
+        masks.check_recipe(recipe)
+
+    def side_inputs(self, plan: Any) -> dict[str, Any]:
+        return masks.side_folders(plan)
+
+    def check_plan(self, plan: Any) -> None:
+        masks.check_plan(plan)
+
+    def card_extra(self, plan: Any, reports: dict[str, dict]) -> dict[str, Any] | None:
+        return masks.card_extra(plan, reports)
+
     def _default(self, name: str) -> Any:
         p = self.spec.param(name)
         return None if p is None or p.default is REQUIRED else p.default
@@ -201,13 +217,14 @@ class TaskVectorMethod(Method):
         if rescale == "l1" and any(s is not None for s in sparsifiers):
             factors = self._l1_factors(task, xs, sparsifiers)
 
+        masking = masks.TensorMasks.build(task, models)   # keep_i (None: no mask/protect)
         out = task.empty_output()
         flat_out = out.view(-1)
         same_dtype = out.dtype == task.compute_dtype
         # Grid points of a pass that differ only in λ share Δ (kept for this tensor only)
         key = ("delta", self.spec.name, self.consensus, normalize, tuple(weights),
                tuple(densities), str(rescale), tuple(task.input_indices[p] for p in models),
-               task.seed, task.compute_dtype, task.load_dtype)
+               task.seed, task.compute_dtype, task.load_dtype, masking and masking.key)
         shared = task.memo.get(key) if task.memo is not None else None
         keep = None
         if shared is None and task.memo is not None and \
@@ -241,6 +258,8 @@ class TaskVectorMethod(Method):
                                 buf.mul_(factors[j])
                         elif rescale is True:
                             buf.div_(densities[j])              # exactly 1/d (DARE paper)
+                    if masking is not None:
+                        masking.apply(j, buf, off, scratch)     # keep_i ⊙ δ̂_i
                     if weights[j] != 1.0:
                         buf.mul_(weights[j])
                     weighted.append(buf)
@@ -260,6 +279,8 @@ class TaskVectorMethod(Method):
         if keep is not None and not torch.isnan(keep).any():
             task.memo[key] = keep
             task.memo["delta_bytes"] = task.memo.get("delta_bytes", 0) + keep.numel() * 4
+        if masking is not None:
+            task.report = masking.report(task.memo, key, [task.input_indices[p] for p in models])
         return out
 
     def _sparsifier(self, task: TensorTask, pos: int, density: float) -> Sparsifier | None:
@@ -314,6 +335,8 @@ def task_vector_params(*, normalize: bool, rescale: Any, density_effective: bool
         ParamSpec("lambda", "float", 1.0),
         ParamSpec("rescale", "rescale", rescale, effective=rescale_effective),
         ParamSpec("int8_mask", "bool", False, effective=False),
+        ParamSpec("mask", "structured", None, per_model=True),     # masks.py
+        ParamSpec("protect", "structured", None, per_model=True),
     )
 
 

@@ -12,7 +12,7 @@ from mergekit_like.recipe.params import (Conditional, Gradient, Setting, Setting
 from mergekit_like.recipe.schema import suggest
 from mergekit_like.recipe.yaml_lines import Locator
 
-FLOAT_KINDS = ("float", "density")
+FLOAT_KINDS = ("float", "density", "penalty")
 
 
 def show(v: Any) -> str:
@@ -41,7 +41,7 @@ class Checker:
             s = parse_setting(raw, structured=(p.kind == "structured"))
         except SettingFormError as exc:
             raise self.loc.error(path + exc.subpath, exc.message) from None
-        if p.kind in ("bool", "float", "density", "rank", "int"):
+        if p.kind in ("bool", "float", "density", "rank", "int", "penalty"):
             self._no_steps(p, s, path)
         if p.kind == "rank":
             self._fraction_gradients(p, s, path)
@@ -84,6 +84,11 @@ class Checker:
                                                    "write 1.0e6)")
                 raise self.loc.error(path, f"expected a number, got {show(v)}")
             f = float(v)
+            if kind == "penalty":
+                if not f >= 0.0:
+                    raise self.loc.error(path, f"'{p.name}' must be ≥ 0 (.inf allowed), "
+                                               f"got {show(v)}")
+                return f
             if not math.isfinite(f):
                 raise self.loc.error(path, f"{show(v)} is not a finite number")
             if kind == "density" and not 0.0 <= f <= 1.0:

@@ -51,25 +51,44 @@ def numbered_lines(path: str | Path) -> Iterator[tuple[str, str]]:
                 yield f"{path}:{number}", line
 
 
-def read_examples(path: str | Path, tokenizer: Any | None = None) -> list[Example]:
-    """Every example of the JSON Lines file ``path`` (blank lines skipped), in file order."""
-    examples = [_parse_line(line, where, tokenizer) for where, line in numbered_lines(path)]
+def read_examples(path: str | Path, tokenizer: Any | None = None,
+                  text_field: str = "text") -> list[Example]:
+    """Every example of the JSON Lines file ``path`` (blank lines skipped), in file order;
+    ``text_field`` names the key read instead of ``"text"``."""
+    examples = [_parse_line(line, where, tokenizer, text_field)
+                for where, line in numbered_lines(path)]
     if not examples:
         raise MergeError(f"{path}: no examples (expected one JSON object per line)")
     return examples
 
 
-def _parse_line(line: str, where: str, tokenizer: Any | None) -> Example:
+def check_examples(path: str | Path, text_field: str = "text") -> int:
+    """Check every line's shape without a tokenizer (before a model is loaded); returns the
+    number of examples. The same MergeErrors as ``read_examples``."""
+    def placeholder(text: str, add_special_tokens: bool) -> dict[str, list[int]]:
+        return {"input_ids": [0] if text else []}
+
+    return len(read_examples(path, placeholder, text_field))
+
+
+def json_object(line: str, where: str) -> dict[str, Any]:
+    """The JSON object on one line; MergeError ``FILE:LINE: …`` when it is not one."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise MergeError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None
     if not isinstance(record, dict):
         raise MergeError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if ("text" in record) == ("input_ids" in record):
-        raise MergeError(f"{where}: give exactly one of \"text\" or \"input_ids\"")
-    if "text" in record:
-        input_ids = _tokenize(record["text"], "text", where, tokenizer, special_tokens=True)
+    return record
+
+
+def _parse_line(line: str, where: str, tokenizer: Any | None, text_field: str = "text") -> Example:
+    record = json_object(line, where)
+    if (text_field in record) == ("input_ids" in record):
+        raise MergeError(f"{where}: give exactly one of \"{text_field}\" or \"input_ids\"")
+    if text_field in record:
+        input_ids = _tokenize(record[text_field], text_field, where, tokenizer,
+                              special_tokens=True)
     else:
         input_ids = _token_list(record["input_ids"], "input_ids", where)
     answer = record.get("answer")

@@ -121,3 +121,19 @@ def _hand_over(name: str, on_grad: GradCallback) -> Callable[[torch.Tensor], Non
         on_grad(name, param, param.grad)
         param.grad = None
     return hook
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing of the decoder layers, which transformers applies only to modules
+    in training mode: the checkpointed layers alone are flagged training (their children, hence
+    dropout and the like, stay in eval mode)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
+        model, "gradient_checkpointing_enable", None)
+    if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
+        raise MergeError(f"gradient checkpointing: {type(model).__name__} does not support it")
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    enable()
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module.training = True

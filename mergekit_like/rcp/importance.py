@@ -1,0 +1,279 @@
+"""The importance stage of RCP-Merging (rcp.md §3): gradient passes over calibration texts.
+
+* ``fisher_pass``: the reasoning model's Fisher prior F on reasoning texts;
+* ``votes_pass``: the domain model's constraint votes v on domain texts, one folder per λ.
+
+One text per forward/backward (``runtime.accumulate_gradients`` with batch size 1). Every
+parameter's gradient is consumed in its post-accumulate-grad hook the moment it is complete
+and then freed, so memory is the model, one text's activations, one parameter's gradient and
+the host accumulators: 4 B/param for F; for votes 4 B/param of cached penalty p, 1 B/param of
+"touched" flags, 1–2 B/param per λ and |S| at ≤ 8192 positions per tensor from the first 16
+texts (for the medians). No per-text copy of any gradient is ever kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from mergekit_like.errors import MergeError
+from mergekit_like.io.local import LocalSource
+from mergekit_like.rcp import votes as V
+from mergekit_like.rcp.folder import (file_sha256, read_info, refuse_existing, votes_folder,
+                                      write_importance)
+
+SAMPLE = 8192
+"""Positions per tensor (evenly spaced, deterministic) sampled for the medians of §7..."""
+SAMPLE_TEXTS = 16
+"""... in the first SAMPLE_TEXTS texts only, so that memory does not grow with the texts."""
+PENALTY_WARN = 1e-3
+Log = Callable[[str], None]
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class PassSettings:
+    """max_length: tokens kept per text; text_field: the JSON key of the text; device:
+    auto|cpu|cuda[:N]; dtype: the weights' dtype during the pass ("auto": stored dtype on CUDA,
+    float32 on CPU); checkpointing: activation checkpointing of the decoder layers."""
+
+    max_length: int
+    text_field: str = "text"
+    device: str = "auto"
+    dtype: str = "auto"
+    checkpointing: bool = True
+    shard_size: str = "5GB"
+    overwrite: bool = False
+
+
+def parse_dtype(name: str, option: str) -> torch.dtype:
+    from mergekit_like.dtypes import RECIPE_DTYPES, parse_recipe_dtype
+
+    dtype = parse_recipe_dtype(name)
+    if dtype is None:
+        raise MergeError(f"{option} {name!r}: use one of {', '.join(RECIPE_DTYPES)}")
+    return dtype
+
+
+def model_id(folder: Path) -> dict[str, str]:
+    """A local model's path and the sha256 of its weight files' bytes (rcp.md §3 metadata;
+    fine-tunes of one family share their headers, so a header hash would not tell them apart)."""
+    src = LocalSource(Path(folder), str(folder))
+    try:
+        files = {rel: file_sha256(Path(folder) / rel) for rel in src.files}
+    finally:
+        src.close()
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return {"path": str(Path(folder).resolve()), "weights_sha256": digest}
+
+
+def _load(folder: Path, settings: PassSettings, data: Path):
+    """Check the data's shape (no model needed), load the model, read and truncate the texts."""
+    from mergekit_like.runtime.data import Example, check_examples, read_examples
+    from mergekit_like.runtime.hooks import enable_checkpointing
+    from mergekit_like.runtime.model import load_model, require_transformers
+
+    if settings.max_length < 2:
+        raise MergeError(f"--max-length {settings.max_length}: must be at least 2")
+    check_examples(data, settings.text_field)
+    require_transformers().utils.logging.disable_progress_bar()
+    dtype = _pass_dtype(folder, settings)
+    loaded = load_model(folder, device=settings.device, dtype=dtype)
+    examples = read_examples(data, loaded.tokenizer, settings.text_field)
+    examples = [Example(ex.sequence[: settings.max_length]) for ex in examples]
+    if settings.checkpointing and getattr(loaded.model, "supports_gradient_checkpointing", False):
+        enable_checkpointing(loaded.model)
+    return loaded, examples
+
+
+def _pass_dtype(folder: Path, settings: PassSettings) -> torch.dtype:
+    from mergekit_like.device import resolve_device
+
+    if settings.dtype != "auto":
+        return parse_dtype(settings.dtype, "--dtype")
+    if resolve_device(settings.device).type != "cuda":
+        return torch.float32
+    src = LocalSource(Path(folder), str(folder))
+    try:
+        stored = [i.torch_dtype for i in src.tensors().values() if i.torch_dtype.is_floating_point]
+    finally:
+        src.close()
+    return stored[0] if stored else torch.float32
+
+
+def _parameters(loaded, folder: Path) -> dict[str, torch.nn.Parameter]:
+    """The model's floating parameters, whose names must be the checkpoint's keys."""
+    params = {n: p for n, p in loaded.model.named_parameters() if p.is_floating_point()}
+    src = LocalSource(Path(folder), str(folder))
+    try:
+        header = src.tensors()
+    finally:
+        src.close()
+    bad = [n for n in params if n not in header or tuple(header[n].shape) != tuple(params[n].shape)]
+    if bad:
+        raise MergeError(f"{folder}: {len(bad)} parameter(s) of the loaded model are not "
+                         f"checkpoint tensors of the same shape (first: '{bad[0]}'); the "
+                         "importance maps must be keyed like the checkpoint")
+    return params
+
+
+def _run(loaded, examples, params: dict, on_grad, progress: Progress | None) -> int:
+    from mergekit_like.runtime.hooks import accumulate_gradients
+
+    names = set(params)
+    done = 0
+    for i, ex in enumerate(examples):
+        done += accumulate_gradients(loaded, [ex], on_grad, batch_size=1,
+                                     params=lambda n, p: n in names)
+        if progress:
+            progress(i + 1, len(examples))
+    if done == 0:
+        raise MergeError("no calibration text has two or more tokens: nothing to differentiate")
+    return done
+
+
+def fisher_pass(model: Path, data: Path, out: Path, *, kind: str = "grad_x_weight_sq",
+                settings: PassSettings, out_dtype: torch.dtype = torch.float32,
+                progress: Progress | None = None) -> Path:
+    """F of ``model`` on the texts of ``data`` (rcp.md §1) into the importance folder ``out``."""
+    if kind not in V.FISHER_KINDS:
+        raise MergeError(f"--kind {kind!r}: use one of {', '.join(V.FISHER_KINDS)}")
+    refuse_existing(Path(out), settings.overwrite)
+    loaded, examples = _load(model, settings, data)
+    params = _parameters(loaded, model)
+    acc = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
+
+    def on_grad(name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
+        acc[name].add_(V.fisher_term(grad, param.detach(), kind).cpu())
+
+    k = _run(loaded, examples, params, on_grad, progress)
+    tensors = {n: a.div_(k).to(out_dtype) for n, a in acc.items()}
+    meta = {"kind": "rcp_fisher", "fisher_kind": kind, "n_examples": k,
+            "max_length": settings.max_length, "dtype": str(out_dtype).replace("torch.", ""),
+            "models": json.dumps({"reasoning": model_id(model)}),
+            "data_sha256": file_sha256(Path(data))}
+    return write_importance(Path(out), tensors, meta, {}, overwrite=settings.overwrite,
+                            shard_size=settings.shard_size)
+
+
+@dataclass
+class VotesResult:
+    folders: list[Path]
+    warnings: list[str]
+
+
+def votes_pass(model: Path, reasoning: Path, fisher: Path, data: Path, out: Path,
+               lambdas: Sequence[float], *, zero_grad: str = "merge", settings: PassSettings,
+               progress: Progress | None = None) -> VotesResult:
+    """The domain model's votes v for every λ (rcp.md §1) into ``OUT_<λ>`` folders."""
+    if zero_grad not in V.ZERO_GRAD:
+        raise MergeError(f"--zero-grad {zero_grad!r}: use merge or keep")
+    lambdas = list(dict.fromkeys(float(x) for x in lambdas)) or [1000.0]
+    for lam in lambdas:
+        if not lam >= 0:
+            raise MergeError(f"--penalty-lambda {lam}: must be ≥ 0 (inf allowed)")
+        refuse_existing(votes_folder(out, lam), settings.overwrite)
+    fisher_info = read_info(Path(fisher), f"--fisher {fisher}")
+    if fisher_info["kind"] != "rcp_fisher":
+        raise MergeError(f"--fisher {fisher}: a {fisher_info['kind']} folder, not a Fisher map")
+    loaded, examples = _load(model, settings, data)
+    params = _parameters(loaded, model)
+    p = _penalties(params, Path(reasoning), Path(fisher))
+    count_dtype = V.votes_dtype(len(examples))
+    counters = {lam: {n: torch.zeros(t.shape, dtype=count_dtype) for n, t in params.items()}
+                for lam in lambdas}
+    touched = {n: torch.zeros(t.shape, dtype=torch.bool) for n, t in params.items()}
+    where = {n: _sample_positions(t.numel()) for n, t in params.items()}
+    s_samples: dict[str, list[torch.Tensor]] = {n: [] for n in params}
+
+    def on_grad(name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
+        s = V.sensitivity(grad, param.detach()).cpu()
+        for lam in lambdas:
+            V.add_votes(counters[lam][name], s, V.scaled_penalty(p[name], lam), zero_grad)
+        touched[name] |= s != 0
+        if len(s_samples[name]) < SAMPLE_TEXTS:
+            s_samples[name].append(s.view(-1)[where[name]].abs())
+
+    k = _run(loaded, examples, params, on_grad, progress)
+    if k != len(examples):
+        counters = {lam: {n: c.to(V.votes_dtype(k)) for n, c in cs.items()}
+                    for lam, cs in counters.items()}
+    base_meta = {"kind": "rcp_votes", "fisher_kind": fisher_info.get("fisher_kind"),
+                 "zero_grad": zero_grad, "n_examples": k, "max_length": settings.max_length,
+                 "dtype": str(V.votes_dtype(k)).replace("torch.", ""),
+                 "models": json.dumps({"domain": model_id(model),
+                                       "reasoning": model_id(reasoning)}),
+                 "data_sha256": file_sha256(Path(data)),
+                 "fisher_sha256": file_sha256(Path(fisher) / "importance.json")}
+    all_s = torch.cat([torch.cat(v) for v in s_samples.values() if v])
+    folders, warnings = [], []
+    for lam in lambdas:
+        stats, lam_p = {}, []
+        for n in params:
+            sampled_p = V.scaled_penalty(p[n].view(-1)[where[n]], lam)
+            positive = sampled_p[p[n].view(-1)[where[n]] > 0]
+            lam_p.append(positive)
+            stats[n] = {"numel": params[n].numel(),
+                        "selected_fraction": float((counters[lam][n] > 0).float().mean()),
+                        "zero_evidence_fraction": float((~touched[n]).float().mean()),
+                        "median_abs_s": _median(torch.cat(s_samples[n]) if s_samples[n] else None),
+                        "median_lambda_p": _median(positive)}
+        ratio = _ratio(_median(torch.cat(lam_p)), _median(all_s))
+        info = {"penalty_ratio": ratio, "tensors": stats,
+                "selected_fraction": _weighted(stats, "selected_fraction"),
+                "zero_evidence_fraction": _weighted(stats, "zero_evidence_fraction")}
+        if ratio is not None and ratio < PENALTY_WARN:
+            warnings.append(f"penalty negligible at λ={lam:g} (median λ·p / median |S| = "
+                            f"{ratio:.1e}); sweep penalty_lambda over decades (1e3…1e12)")
+        meta = {**base_meta, "penalty_lambda": repr(lam)}
+        folders.append(write_importance(votes_folder(out, lam), counters[lam], meta, info,
+                                        overwrite=settings.overwrite,
+                                        shard_size=settings.shard_size))
+    return VotesResult(folders, warnings)
+
+
+def _penalties(params: dict, reasoning: Path, fisher: Path) -> dict[str, torch.Tensor]:
+    """p = F·(θ_r − θ_t)² per parameter, float32 on the host, checked against both folders."""
+    r_src, f_src = LocalSource(reasoning, str(reasoning)), LocalSource(fisher, str(fisher))
+    try:
+        out = {}
+        for name, param in params.items():
+            for src, what in ((r_src, "--reasoning"), (f_src, "--fisher")):
+                info = src.tensors().get(name)
+                if info is None or tuple(info.shape) != tuple(param.shape):
+                    got = "lacks it" if info is None else f"has shape {list(info.shape)}"
+                    raise MergeError(f"{what} {src.ref}: tensor '{name}' of the domain model "
+                                     f"(shape {list(param.shape)}) {got}")
+            out[name] = V.penalty(f_src.read_tensor(name), r_src.read_tensor(name),
+                                  param.detach().cpu())
+        return out
+    finally:
+        r_src.close()
+        f_src.close()
+
+
+def _sample_positions(numel: int) -> torch.Tensor:
+    return torch.linspace(0, max(numel - 1, 0), min(numel, SAMPLE)).round().long()
+
+
+def _median(values: torch.Tensor | None) -> float | None:
+    if values is None or values.numel() == 0:
+        return None
+    return float(values.float().median())
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0 or math.isinf(a):
+        return None
+    return a / b
+
+
+def _weighted(stats: dict[str, dict], key: str) -> float:
+    total = sum(s["numel"] for s in stats.values())
+    return sum(s[key] * s["numel"] for s in stats.values()) / max(total, 1)
