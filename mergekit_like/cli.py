@@ -97,6 +97,8 @@ def merge(
     _warn(result.warnings)
     resumed = f", {len(result.skipped_shards)} resumed" if result.skipped_shards else ""
     err_console.print(f"wrote {out} ({len(result.shards)} shard(s){resumed})")
+    for note in result.notes:
+        err_console.print(note, markup=False)
     if publish_to is not None:
         _publish(out, publish_to, hub, private=private, revision=None, create_pr=False,
                  message=None)

@@ -69,6 +69,7 @@ class MergeResult:
     shards: list[ShardPlan]
     skipped_shards: set[str]
     warnings: list[str]
+    notes: list[str] = field(default_factory=list)
 
 
 Progress = Callable[[str, int], None]  # (tensor name, bytes of output produced)
@@ -121,7 +122,7 @@ def run_pass(plans: list[MergePlan], outs: list[Path], options: MergeOptions,
         torch.set_num_threads(threads)
     return [pt.error if pt.error is not None else
             MergeResult(pt.out, pt.groups[""], pt.done,
-                        pt.plan.warnings + list(pt.folder.warnings))
+                        pt.plan.warnings + list(pt.folder.warnings), list(pt.plan.notes))
             for pt in points]
 
 

@@ -62,6 +62,8 @@ class MergePlan:
     compute_dtype: torch.dtype
     tokenizer: CheckpointSource  # the tokenizer_source donor (may be one of sources)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """What the method reports once the output is complete (printed after "wrote OUT")."""
     side: dict[str, CheckpointSource] = field(default_factory=dict)
     """Side inputs (``Method.side_inputs``) by label, read per tensor like the models."""
 

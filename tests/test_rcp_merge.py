@@ -134,7 +134,10 @@ def test_zero_lambda_with_negative_sensitivity_is_task_arithmetic(fam, tmp_path,
 # ---- 4. the output folder --------------------------------------------------------------------
 
 def test_report_card_and_config(fam, votes, tmp_path, capsys):
-    out = merge(tmp_path, capsys, recipe(fam, importance=votes / "votes_1e3"))
+    out = tmp_path / "OUT"
+    code, _, err = run_cli(["merge", write_recipe(tmp_path / "OUT.yml", recipe(
+        fam, importance=votes / "votes_1e3")), out, "-q"], capsys)
+    assert code == 0, err
     v = load_folder(votes / "votes_1e3")
     report = json.loads((out / "rcp_report.json").read_text())
     assert set(report["tensors"]) == set(v)
@@ -153,6 +156,7 @@ def test_report_card_and_config(fam, votes, tmp_path, capsys):
     card = (out / "README.md").read_text()
     assert "RCP-Merging" in _title(card) and "not RCP-Merging" not in card
     assert f"{frac:.2%}" in card
+    assert f"rcp: domain delta added to {frac:.2%} of the weights" in err  # logged at the end
     cfg = config_of(out)
     assert cfg.get("rcp_test_marker") == 1 and "rcp_test_marker" not in config_of(fam.base)
 

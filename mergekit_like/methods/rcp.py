@@ -90,7 +90,11 @@ class RoleMethod(Method):
         return out
 
     def write_report(self, plan, reports: dict[str, dict], header: dict[str, Any]) -> dict[str, str]:
-        return {R.REPORT_FILE: R.report_text(R.report(plan, reports, header, warn=True))}
+        data = R.report(plan, reports, header, warn=True)
+        mods = ", ".join(f"{k} {v:.1%}" for k, v in data["selected_by_module"].items())
+        plan.notes.append(f"{self.spec.name}: domain delta added to {data['selected_fraction']:.2%} "
+                          f"of the weights ({mods}); per tensor and layer in {R.REPORT_FILE}")
+        return {R.REPORT_FILE: R.report_text(data)}
 
     def card_extra(self, plan, reports):
         import json
