@@ -9,6 +9,7 @@ written.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -16,6 +17,7 @@ import torch
 
 from mergekit_like.dtypes import is_float_code
 from mergekit_like.errors import MergeError
+from mergekit_like.io.local import LocalSource
 from mergekit_like.io.source import CheckpointSource, TensorInfo
 from mergekit_like.methods.base import Method, OutputSpec
 from mergekit_like.recipe import InputModel, Recipe
@@ -219,7 +221,7 @@ def _plan(recipe: Recipe, inputs: list[InputModel], sources: list[CheckpointSour
                                       warn=warnings.append)
         jobs.append(TensorJob(name, info, t, True, participants, model_params, params, outputs))
 
-    donor = tokenizer_donor(recipe, inputs, sources, open_source, reference_pos)
+    donor = tokenizer_donor(recipe, inputs, sources, open_source, chosen)
     _check_tokenizer_vocab(donor, ref_header)
     plan = MergePlan(recipe, method, inputs, sources, headers, reference_pos, base_pos,
                      method_inputs, jobs, compute_dtype, donor, warnings)
@@ -236,10 +238,6 @@ def _plan(recipe: Recipe, inputs: list[InputModel], sources: list[CheckpointSour
 
 def open_side_input(folder: Any, label: str) -> CheckpointSource:
     """A local folder of safetensors keyed like a model (an importance map, a mask)."""
-    from pathlib import Path
-
-    from mergekit_like.io.local import LocalSource
-
     path = Path(folder)
     if not path.is_dir():
         raise MergeError(f"{label}: no such folder")
@@ -257,15 +255,15 @@ def _check_tokenizer_vocab(donor: CheckpointSource, ref_header: dict[str, Tensor
 
 
 def tokenizer_donor(recipe: Recipe, inputs: list[InputModel], sources: list[CheckpointSource],
-                    open_source: SourceOpener, reference_pos: int | None = None) -> CheckpointSource:
+                    open_source: SourceOpener, method_reference: int | None = None
+                    ) -> CheckpointSource:
     """tokenizer_source if set (opened if it is not an input), else the method's reference
     model (``Method.reference_input``), else the base, else model 0."""
     want = recipe.tokenizer_source
     if want is None:
-        pos = next((i for i, inp in enumerate(inputs) if inp.is_base), 0)
-        if reference_pos is not None and recipe.method.reference_input(recipe) is not None:
-            pos = reference_pos
-        return sources[pos]
+        if method_reference is not None:
+            return sources[method_reference]
+        return sources[next((i for i, inp in enumerate(inputs) if inp.is_base), 0)]
     for inp, src in zip(inputs, sources):
         if inp.ref.path == want.path and inp.ref.revision == want.revision:
             return src

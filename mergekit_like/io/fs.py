@@ -30,6 +30,21 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def replace_dir(partial: Path, out: Path) -> None:
+    """Rename the finished folder ``partial`` to ``out``; an existing ``out`` is moved aside
+    first and removed only once the new one is in place."""
+    old = None
+    if os.path.lexists(out):
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        _remove(old)
+        os.rename(out, old)
+    os.rename(partial, out)
+    _fsync_dir(out.parent)
+    if old is not None:
+        _remove(old)
+        _fsync_dir(out.parent)
+
+
 def _tree_bytes(path: Path) -> int:
     total = 0
     for root, _dirs, files in os.walk(path):

@@ -27,6 +27,7 @@ from typing import Any
 from mergekit_like import __version__
 from mergekit_like.errors import MergeError
 from mergekit_like.io.fs import _fsync_dir, _remove, _tree_bytes, pid_alive, read_header_sha256  # noqa: F401
+from mergekit_like.io.fs import replace_dir
 from mergekit_like.io.local import safe_relpath
 from mergekit_like.io.shards import ShardPlan, format_bytes
 from mergekit_like.io.writer import _is_disk_full, disk_full_error
@@ -316,21 +317,11 @@ class OutputFolder:
         self._require_prepared()
         _remove(self.state_dir)
         _fsync_dir(self.partial)
-        old = None
-        if os.path.lexists(self.out):
-            if not self.overwrite:
-                raise MergeError(f"output folder exists: {self.out} "
-                                 "(pass --overwrite to replace it)")
-            old = self.parent / f".{self.out.name}.old-{os.getpid()}"
-            if os.path.lexists(old):
-                _remove(old)
-            os.rename(self.out, old)
-        os.rename(self.partial, self.out)
-        _fsync_dir(self.parent)
+        if os.path.lexists(self.out) and not self.overwrite:
+            raise MergeError(f"output folder exists: {self.out} "
+                             "(pass --overwrite to replace it)")
+        replace_dir(self.partial, self.out)
         self._finished = True
-        if old is not None:
-            _remove(old)
-            _fsync_dir(self.parent)
         self._release_lock()
         return self.out
 

@@ -14,7 +14,6 @@ Unselected weights are exactly θ_r. The votes come from a folder keyed like the
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -97,12 +96,9 @@ class RoleMethod(Method):
         return {R.REPORT_FILE: R.report_text(data)}
 
     def card_extra(self, plan, reports):
-        import json
-
         if not reports:
             return None
-        data = json.loads(R.report_text(R.report(plan, reports, {})))
-        return {**self.card_settings(plan), **R.card_summary(data)}
+        return {**self.card_settings(plan), **R.card_summary(R.report(plan, reports, {}))}
 
     def card_settings(self, plan) -> dict[str, Any]:
         return {}
@@ -226,10 +222,7 @@ def _folder(plan) -> str:
 
 def _top_value(recipe, name: str, default: Any) -> Any:
     setting = recipe.top_params.get(name)
-    value = R.structured_value(setting) if setting is not None else default
-    if isinstance(value, float) and math.isnan(value):
-        return default
-    return value
+    return R.structured_value(setting) if setting is not None else default
 
 
 METHODS = [RCP()]

@@ -21,7 +21,7 @@ from huggingface_hub import save_torch_state_dict
 
 from mergekit_like import __version__
 from mergekit_like.errors import MergeError
-from mergekit_like.io.fs import _fsync_dir, _remove
+from mergekit_like.io.fs import _fsync_dir, _remove, replace_dir
 
 INFO_FILE = "importance.json"
 KINDS = ("rcp_fisher", "rcp_votes", "rcp_raw_sensitivity", "rcp_critical_lambda")
@@ -55,15 +55,7 @@ def write_importance(out: Path, tensors: dict[str, torch.Tensor], metadata: dict
         text = json.dumps({**meta, **info}, indent=2, sort_keys=False, default=str) + "\n"
         (partial / INFO_FILE).write_text(text)
         _fsync_dir(partial)
-        old = None
-        if os.path.lexists(out):
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            _remove(old)
-            os.rename(out, old)
-        os.rename(partial, out)
-        _fsync_dir(out.parent)
-        if old is not None:
-            _remove(old)
+        replace_dir(partial, out)
     except BaseException:
         _remove(partial)
         raise

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -144,15 +142,7 @@ def report(plan, reports: dict[str, dict], header: dict[str, Any],
 
 
 def report_text(data: dict[str, Any]) -> str:
-    return json.dumps(data, indent=2, default=_json_default) + "\n"
-
-
-def _json_default(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, Path):
-        return str(v)
-    return str(v)
+    return json.dumps(data, indent=2, default=str) + "\n"
 
 
 def card_summary(data: dict[str, Any]) -> dict[str, Any]:

@@ -48,8 +48,10 @@ class RecipeMethod:
         keys = list(self.sweep)
         return [dict(zip(keys, values)) for values in itertools.product(*self.sweep.values())]
 
-    def recipe(self, zoo: Zoo, merged_tasks: Sequence[str], params: Mapping[str, Any]) -> dict:
-        """The recipe document (absolute model paths, float32 in and out)."""
+    def recipe(self, zoo: Zoo, merged_tasks: Sequence[str], params: Mapping[str, Any],
+               out: Path | None = None) -> dict:
+        """The recipe document (absolute model paths, float32 in and out) for the output
+        folder ``out``."""
         doc: dict[str, Any] = {
             "merge_method": self.merge_method,
             "base_model": str(zoo.base.resolve()),
@@ -70,7 +72,8 @@ class RecipeMethod:
               out: Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         recipe = out.with_name(out.name + ".yml")
-        recipe.write_text(yaml.safe_dump(self.recipe(zoo, merged_tasks, params), sort_keys=False))
+        recipe.write_text(yaml.safe_dump(self.recipe(zoo, merged_tasks, params, out),
+                                         sort_keys=False))
         run_merge_cli(["merge", recipe, out, "-q", "--overwrite"], f"merge of {recipe}")
         return out
 

@@ -70,17 +70,6 @@ class RoleRow(RecipeMethod):
             domain["parameters"]["importance"] = str(votes_folder(stem, lam).resolve())
         return doc
 
-    def build(self, zoo: Zoo, merged_tasks: Sequence[str], params: dict[str, Any],
-              out: Path) -> Path:
-        import yaml
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        recipe = out.with_name(out.name + ".yml")
-        recipe.write_text(yaml.safe_dump(self.recipe(zoo, merged_tasks, params, out),
-                                         sort_keys=False))
-        run_merge_cli(["merge", recipe, out, "-q", "--overwrite"], f"merge of {recipe}")
-        return out
-
 
 RCP_ROWS = [
     RecipeMethod("task_arithmetic", "task_arithmetic", {"weight": 1.0},
