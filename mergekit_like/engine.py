@@ -358,6 +358,7 @@ def merge_job(plan: MergePlan, job: TensorJob, inputs: JobInputs, options: Merge
         block_elems=options.block_elems,
         device=device,
         workers=options.workers,
+        inputs_finite=not options.allow_nonfinite,
         memo=options.memo,
     )
     outputs = plan.method.merge(task)

@@ -117,6 +117,8 @@ class TensorTask:
     side: dict[str, torch.Tensor] = field(default_factory=dict)
     """This tensor's entry in each side input (``Method.side_inputs``) that has it, by label, in
     its stored dtype on the compute device (RCP: the domain model's votes)."""
+    inputs_finite: bool = False
+    """The engine checked every input free of NaN/Inf (no --allow-nonfinite)."""
     memo: dict | None = None
     """Shared by the points of a grid pass for this tensor only: operators may cache results
     that depend on the inputs and their own key alone (TIES thresholds), never the output."""

@@ -28,7 +28,7 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from mergekit_like.errors import MergeError
-from mergekit_like.methods import masks
+from mergekit_like.methods import fused_cpu, masks
 from mergekit_like.methods.base import REQUIRED, Method, MethodSpec, ParamSpec, TensorTask
 from mergekit_like.methods.tiling import (Scratch, buffer, copy_of, exact_total, pieces,
                                           present, row_elems, row_sums, run_parallel, spans)
@@ -275,13 +275,47 @@ class TaskVectorMethod(Method):
                 if not same_dtype:
                     target.copy_(res)
 
-        run_parallel([partial(merge_span, span) for span in spans(task)], task.workers)
+        # the same steps as one fused loop per span, when it computes exactly the same bits
+        fused = shared is None and self._fused_plan(task, xs, out, densities, sparsifiers,
+                                                    factors, rescale, masking)
+
+        def fused_span(span: tuple[int, int]) -> None:
+            fused_cpu.merge_span(out, keep, task.base, xs, span, *fused, weights,
+                                 consensus=self.consensus, normalize=normalize, lam=lam)
+
+        work = fused_span if fused else merge_span
+        run_parallel([partial(work, span) for span in spans(task)], task.workers)
         if keep is not None and not torch.isnan(keep).any():
             task.memo[key] = keep
             task.memo["delta_bytes"] = task.memo.get("delta_bytes", 0) + keep.numel() * 4
         if masking is not None:
             task.report = masking.report(task.memo, key, [task.input_indices[p] for p in models])
         return out
+
+    @staticmethod
+    def _fused_plan(task: TensorTask, xs: list[torch.Tensor], out: torch.Tensor,
+                    densities: list[float], sparsifiers: list[Sparsifier | None],
+                    factors: list[float | None], rescale: Any, masking: Any) -> tuple | None:
+        """(trims, scales) for ``fused_cpu.merge_span`` when it computes exactly what
+        ``merge_span`` does here: finite inputs of one dtype, every δ̂_i present, sparsifiers
+        that are magnitude trims, no masks. None otherwise."""
+        if masking is not None or not task.inputs_finite or min(densities) <= 0.0 \
+                or len({x.dtype for x in xs}) != 1 \
+                or not fused_cpu.supported(task, [task.base, *xs], out) \
+                or any(sp is not None and not hasattr(sp, "fused_trim") for sp in sparsifiers):
+            return None
+        trims, scales = [], []
+        for sp, factor, density in zip(sparsifiers, factors, densities):
+            trims.append(None if sp is None else sp.fused_trim())
+            if sp is None:
+                scales.append((0, 1.0))
+            elif factor is not None:
+                scales.append((1, factor) if factor != 1.0 else (0, 1.0))
+            elif rescale is True:
+                scales.append((2, density))
+            else:
+                scales.append((0, 1.0))
+        return trims, scales
 
     def _sparsifier(self, task: TensorTask, pos: int, density: float) -> Sparsifier | None:
         if not 0.0 < density < 1.0:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from mergekit_like.errors import MergeError
+from mergekit_like.methods import fused_cpu
 from mergekit_like.methods.base import MethodSpec, ParamSpec, TensorTask
 from mergekit_like.methods.task_arithmetic import (TaskVectorMethod, task_vector,
                                                    task_vector_params)
@@ -102,6 +103,9 @@ def kth_smallest(t: torch.Tensor, j: int) -> float:
 
 
 PieceSource = Callable[[], Iterable[tuple[int, torch.Tensor]]]
+Scan = Callable[[float, float, float, float, bool, bool, bool], tuple]
+"""One read pass over one part: (lo, hi, c_lo, c_hi, hi_open, lo_open, collect) → the tuple
+of ``_scan_pass`` (``fused_cpu.scan_abs_delta`` is the fused one)."""
 
 
 def kth_largest(abs_pieces: PieceSource | Sequence[PieceSource], numel: int, k: int,
@@ -115,7 +119,19 @@ def kth_largest(abs_pieces: PieceSource | Sequence[PieceSource], numel: int, k: 
     of such sources, consecutive parts of the tensor in order, each with its own ``scratch``
     (a list too): ``run`` (e.g. ``tiling.run_parallel``) then scans the parts of a pass at
     once. ``sample`` is a random sample of the values (or all of them) used to bracket the
-    answer; it only affects speed and memory.
+    answer; it only affects speed and memory. See ``kth_largest_scanned`` for the passes.
+    """
+    sources = list(abs_pieces) if isinstance(abs_pieces, (list, tuple)) else [abs_pieces]
+    scratches = list(scratch) if isinstance(scratch, (list, tuple)) else [scratch] * len(sources)
+    scans = [partial(_scan_pass, src, scr) for src, scr in zip(sources, scratches)]
+    return kth_largest_scanned(scans, numel, k, sample, margins, run)
+
+
+def kth_largest_scanned(scans: Sequence[Scan], numel: int, k: int, sample: torch.Tensor,
+                        margins: tuple[float, ...] = MARGINS,
+                        run: Callable[[list[Callable[[], Any]]], list[Any]] | None = None
+                        ) -> KthLargest:
+    """``kth_largest`` over parts given as ``Scan`` functions (one per consecutive part).
 
     One pass over a bracket lo ≤ hi counts #(> hi) and collects the values in [lo, hi]. An end
     that looks like an atom (repeated in the sample, e.g. the exact zeros of unchanged weights)
@@ -127,8 +143,6 @@ def kth_largest(abs_pieces: PieceSource | Sequence[PieceSource], numel: int, k: 
     """
     if not 1 <= k <= numel:
         raise ValueError(f"k={k} outside [1, {numel}]")
-    sources = list(abs_pieces) if isinstance(abs_pieces, (list, tuple)) else [abs_pieces]
-    scratches = list(scratch) if isinstance(scratch, (list, tuple)) else [scratch] * len(sources)
     run = run or (lambda calls: [c() for c in calls])
     dtype = sample.dtype
     srt = sorted_values(sample)
@@ -155,8 +169,8 @@ def kth_largest(abs_pieces: PieceSource | Sequence[PieceSource], numel: int, k: 
         c_lo = _next(lo, math.inf, dtype) if lo_open else lo
         c_hi = _next(hi, -math.inf, dtype) if hi_open else hi
         collect = lo < hi and c_lo <= c_hi
-        parts = run([partial(_scan_pass, src, scr, lo, hi, c_lo, c_hi, hi_open, lo_open, collect)
-                     for src, scr in zip(sources, scratches)])
+        parts = run([partial(scan, lo, hi, c_lo, c_hi, hi_open, lo_open, collect)
+                     for scan in scans])
         gt_hi, ge_hi, ge_lo = (sum(p[i] for p in parts) for i in range(3))
         inside = [t for p in parts for t in p[3]]
         where = [t for p in parts for t in p[4]]
@@ -281,11 +295,15 @@ class MagnitudeTrim:
                 yield off, task_vector(xp, b, out=buf.get("ties_abs", b.numel())).abs_()
 
         parts = spans(task)                       # the tensor's row spans, scanned in parallel
-        scratches = [scratch] + [Scratch(task.compute_dtype, task.device) for _ in parts[1:]]
-        sources = [partial(abs_pieces, span, buf) for span, buf in zip(parts, scratches)]
+        if fused_cpu.supported(task, [x, base]):
+            scans = [partial(fused_cpu.scan_abs_delta, x, base, span) for span in parts]
+        else:
+            scratches = [scratch] + [Scratch(task.compute_dtype, task.device) for _ in parts[1:]]
+            scans = [partial(_scan_pass, partial(abs_pieces, span, buf), buf)
+                     for span, buf in zip(parts, scratches)]
         sample = sample_abs_delta(task, x, base)
-        self.kth = kth_largest(sources, task.numel, self.k, sample, scratch=scratches,
-                               run=partial(run_parallel, workers=task.workers))
+        self.kth = kth_largest_scanned(scans, task.numel, self.k, sample,
+                                       run=partial(run_parallel, workers=task.workers))
         need = self.k - self.kth.above            # ties at v_k to keep, lowest flat index first
         self.cutoff = self.kth.cutoff
         if self.cutoff is None and need < self.kth.equal and self.kth.value > 0:
@@ -300,6 +318,9 @@ class MagnitudeTrim:
 
     def apply(self, delta: torch.Tensor, offset: int, scratch: Scratch | None = None) -> None:
         magnitude_trim_(delta, offset, self.kth.value, self.cutoff, self.below)
+
+    def fused_trim(self) -> fused_cpu.Trim:
+        return fused_cpu.Trim(self.kth.value, self.below, self.cutoff)
 
 
 def sample_abs_delta(task: TensorTask, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
