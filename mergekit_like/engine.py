@@ -107,6 +107,8 @@ def run_pass(plans: list[MergePlan], outs: list[Path], options: MergeOptions,
         for k, (plan, out) in enumerate(zip(plans, outs)):
             points.append(_open_point(plan, Path(out), options, len(plans)))
             points[-1].extra = dict(extra_files[k]) if extra_files else {}
+        for method in {id(pt.plan.method): pt.plan.method for pt in points}.values():
+            method.warm_up(options.device)
         _stream(points, options, progress, on_start, isolate)
         for pt in points:                       # side files, check, rename into place
             if pt.error is None:

@@ -210,7 +210,10 @@ def test_sigkill_mid_grid_then_resume_is_bit_identical(tmp_path):
         pytest.skip("the grid finished before it could be killed")
     result = subprocess.run(cmd(root, "--resume"), env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert {d.name: folder_digest(d) for d in point_dirs(root)} == want
+    got = {d.name: folder_digest(d) for d in point_dirs(root)}
+    log = (root / "results.jsonl").read_text() if (root / "results.jsonl").exists() else ""
+    assert got.keys() == want.keys(), (sorted(got), sorted(want), result.stdout, result.stderr, log)
+    assert got == want
     assert not list(root.glob(".*.partial")) and not (root / ".grid.lock").exists()
     last = {r["id"]: r for r in results(root)}
     assert sum(r["status"] == "skipped" for r in last.values()) == done_before

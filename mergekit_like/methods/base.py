@@ -221,6 +221,10 @@ class Method:
         each job's tensors of the same name reach the operator as ``TensorTask.side``."""
         return {}
 
+    def warm_up(self, device: torch.device) -> None:
+        """Called once before a pass starts reading: may start background preparation (the
+        task-vector methods load their compiled CPU loops while the first tensors are read)."""
+
     def check_plan(self, plan: Any) -> None:
         """Plan-time checks that need the inputs' configs or headers (raise MergeError)."""
 

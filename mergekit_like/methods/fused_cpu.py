@@ -22,6 +22,7 @@ finite (torch's vectorised bf16 cast spells NaN differently from its scalar one)
 from __future__ import annotations
 
 import os
+import threading
 from functools import lru_cache
 from typing import Any, Sequence
 
@@ -59,6 +60,20 @@ def raw(t: torch.Tensor) -> np.ndarray:
     if flat.dtype == torch.bfloat16:
         return flat.view(torch.int16).numpy().view(np.uint16)
     return flat.numpy()
+
+
+def warm_up() -> None:
+    """Import numba and load the compiled loops on a background thread (about 0.5–1 s from
+    the disk cache), so that a merge pays it while its first tensors are being read."""
+    if enabled():
+        threading.Thread(target=_warm, name="fused-cpu-warm-up", daemon=True).start()
+
+
+def _warm() -> None:
+    k = _kernels()
+    if k is not None:
+        a = np.zeros(CHUNK, np.uint16)
+        k.scan(a, a, np.float32(1), np.float32(0), np.float32(0), np.float32(1), True, 0, PIECE)
 
 
 @lru_cache(maxsize=1)

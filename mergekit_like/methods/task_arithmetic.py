@@ -186,6 +186,10 @@ class TaskVectorMethod(Method):
     def check_plan(self, plan: Any) -> None:
         masks.check_plan(plan)
 
+    def warm_up(self, device: torch.device) -> None:
+        if device.type == "cpu":
+            fused_cpu.warm_up()
+
     def card_extra(self, plan: Any, reports: dict[str, dict]) -> dict[str, Any] | None:
         return masks.card_extra(plan, reports)
 
