@@ -5,7 +5,7 @@ define the math) and =1, and compares outputs bit for bit (float bits, so −0.0
 checking that the fused loops really ran. Inputs are built to hit every branch: bf16 deltas
 with many exact ties at the threshold (partial ties), exact zeros, sizes that are not multiples
 of the loops' chunk, several spans, negative and zero weights, both rescales, both output
-dtypes, a float32 base under bf16 models, and the grid memo's kept Δ.
+dtypes, a float32 base under bf16 models, DARE's counter-based drops, and the grid memo's kept Δ.
 """
 
 from __future__ import annotations
@@ -95,6 +95,10 @@ CASES = [
     ("ties", 2, [0.5, 0.6], [-1.0, -0.5], {}),                        # −0.0 terms everywhere
     ("ties", 4, [0.1, 0.3, 0.6, 0.999], [1.0, 2.0, 0.5, 1.0], {"rescale": "l1"}),
     ("ties", 3, [0.5, 0.25, 0.8], [1.0, 1.0, 1.0], {"rescale": True}),
+    ("dare_ties", 3, [0.5, 0.5, 0.3], [1.0, 1.0, 1.0], {}),
+    ("dare_ties", 3, [0.1, 1.0, 0.9], [0.5, 1.0, -0.7], {"rescale": "l1", "normalize": True}),
+    ("dare_linear", 2, [0.3, 1e-9], [1.0, 2.0], {"lambda": 0.8}),      # 1e-9: drops everything
+    ("dare_linear", 2, [0.6, 0.4], [1.0, 1.0], {"rescale": False}),
     ("task_arithmetic", 3, [1.0] * 3, [0.5, -1.0, 1.5], {}),
     ("task_arithmetic", 2, [1.0] * 2, [0.3, 0.3], {"normalize": True, "lambda": 0.9}),
 ]
@@ -109,7 +113,7 @@ def test_fused_merge_equals_torch_path_bit_for_bit(monkeypatch, case, out_dtype)
     ref, got, calls, _ = both_paths(monkeypatch, method, base, xs, mps, params,
                                     out_dtype=out_dtype, workers=3)
     assert calls["merge_span"] == 3                               # one call per span
-    if method == "ties" and any(d < 1 for d in dens):
+    if method == "ties":
         assert calls["scan_abs_delta"] >= 3 * sum(d < 1 for d in dens)
     assert got.dtype == ref.dtype == out_dtype
     assert torch.equal(bits(got), bits(ref))
@@ -194,7 +198,7 @@ def test_torch_path_when_fused_loops_do_not_apply(monkeypatch):
     m, task = make_task("ties", base.to(torch.float16), half, mps, {})
     m.merge_tensor(task)
     assert spy.calls["merge_span"] == 0
-    m, task = make_task("dare_ties", base, xs, mps, {})                   # random masks
+    m, task = make_task("ties", base, [xs[0], xs[1].float()], mps, {})    # models' dtypes differ
     m.merge_tensor(task)
     assert spy.calls["merge_span"] == 0
     m, task = make_task("ties", base, xs, mps, {})
@@ -205,3 +209,19 @@ def test_torch_path_when_fused_loops_do_not_apply(monkeypatch):
     task.load_dtype = BF16                                                # a real rounding step
     m.merge_tensor(task)
     assert spy.calls["merge_span"] == 1
+
+
+def test_fused_drop_at_the_exact_threshold(monkeypatch):
+    """An entry whose 24-bit draw equals floor(d·2^24) is dropped (keep ⇔ u < threshold)."""
+    from mergekit_like.methods import dare
+
+    base, (x,) = family((1000,), 1, seed=8, zeros=0.0)
+    key = dare.mask_key(0, 0, "model.layers.0.mlp.up_proj.weight")
+    u = (int(dare.splitmix64(key, 0, 1)[0]) & ((1 << 64) - 1)) >> 40   # entry 0's draw
+    density = (u + 0.5) / (1 << 24)
+    assert dare.keep_threshold(density) == u
+    mps = [{"weight": 1.0, "density": density}]
+    ref, got, calls, _ = both_paths(monkeypatch, "dare_linear", base, [x], mps, {"rescale": False})
+    assert calls["merge_span"] == 1
+    assert got[0] == base[0] != x[0]                                       # entry 0 dropped
+    assert torch.equal(bits(got), bits(ref))

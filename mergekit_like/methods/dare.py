@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from mergekit_like.methods import fused_cpu
 from mergekit_like.methods.base import MethodSpec, TensorTask
 from mergekit_like.methods.task_arithmetic import TaskVectorMethod, task_vector_params
 from mergekit_like.methods.tiling import Scratch, buffer
@@ -154,6 +155,9 @@ class RandomDrop:
 
     def apply(self, delta: torch.Tensor, offset: int, scratch: Scratch | None = None) -> None:
         random_drop_(delta, offset, self.key, self.density, scratch)
+
+    def fused_sparsifier(self) -> fused_cpu.Drop:
+        return fused_cpu.Drop(self.key, keep_threshold(self.density))
 
 
 class _Dare(TaskVectorMethod):

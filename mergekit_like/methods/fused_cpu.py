@@ -120,21 +120,38 @@ class Trim:
         self.cutoff = np.iinfo(np.int64).max if cutoff is None else cutoff
 
 
+class Drop:
+    """One model's DARE drop as the loops take it: dare.py's key, and keep_j ⇔ the top 24 bits
+    of z_j < ``threshold`` = floor(d·2^24) (0: drop all; 2^24: keep all)."""
+
+    def __init__(self, key: int, threshold: int):
+        self.key, self.threshold = key, threshold
+
+
+KEEP_ALL = 1 << 24
+
+
 def merge_span(out: torch.Tensor, keep: torch.Tensor | None, base: torch.Tensor,
                xs: Sequence[torch.Tensor], span: tuple[int, int], trims: Sequence[Trim | None],
                scales: Sequence[tuple[int, float]], weights: Sequence[float], *,
                consensus: bool, normalize: bool, lam: float) -> None:
     """out[span] = b + λ·Δ (``task_arithmetic.merge_span``'s torch steps, fused).
 
-    ``trims[i]``: model i's trim (None: not sparsified); ``scales[i]``: (0, _) none,
+    ``trims[i]``: model i's ``Trim`` or ``Drop`` (None: not sparsified); ``scales[i]``: (0, _) none,
     (1, r) × r ("l1" rescale), (2, d) ÷ d (rescale by density); ``weights[i]`` = w_i.
     ``keep`` (float32, the tensor's length) receives Δ before λ when given (grid memo)."""
     k = _kernels()
     s, e = span
     f32 = np.float32
-    value = tuple(f32(t.value if t else 0.0) for t in trims)
-    below = tuple(f32(t.below if t else 0.0) for t in trims)
-    cutoff = tuple(np.int64(t.cutoff if t else 0) for t in trims)
+    magnitude = [t if isinstance(t, Trim) else None for t in trims]
+    value = tuple(f32(t.value if t else 0.0) for t in magnitude)
+    below = tuple(f32(t.below if t else 0.0) for t in magnitude)
+    cutoff = tuple(np.int64(t.cutoff if t else 0) for t in magnitude)
+    keys = thresholds = None                   # None: the loop has no drop step at all
+    if any(isinstance(t, Drop) for t in trims):
+        keys = tuple(np.uint64(t.key if isinstance(t, Drop) else 0) for t in trims)
+        thresholds = tuple(np.uint64(t.threshold if isinstance(t, Drop) else KEEP_ALL)
+                           for t in trims)
     mode = tuple(np.int64(m) for m, _ in scales)
     scale = tuple(f32(v) for _, v in scales)
     w = tuple(f32(c) for c in weights)
@@ -142,4 +159,5 @@ def merge_span(out: torch.Tensor, keep: torch.Tensor | None, base: torch.Tensor,
     norm_div = f32(1.0 if abs(total) < 1e-8 else total)
     keep_r = raw(keep)[s:e] if keep is not None else None
     k.merge(raw(out)[s:e], keep_r, raw(base)[s:e], tuple(raw(x)[s:e] for x in xs), value,
-            below, cutoff, mode, scale, w, consensus, normalize, norm_div, f32(lam), s)
+            below, cutoff, keys, thresholds, mode, scale, w, consensus, normalize, norm_div,
+            f32(lam), s)

@@ -128,19 +128,41 @@ def _collect(x, b, lo_bits, width, vals, idx, m, offset):
     return m
 
 
+def _drop(d, keys, thresholds, j, flat):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(_drop, inline="always")
+def _drop_impl(d, keys, thresholds, j, flat):
+    """DARE's keep_j (dare.py: SplitMix64 of key + (j+1)·golden, top 24 bits < floor(d·2^24))
+    times δ; compiled away when ``keys`` is None (no DARE model in the merge)."""
+    if isinstance(keys, types.NoneType):
+        return lambda d, keys, thresholds, j, flat: d
+
+    def drop(d, keys, thresholds, j, flat):
+        z = keys[j] + np.uint64(flat + 1) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return d * _select((z >> np.uint64(40)) < thresholds[j], np.float32(1), np.float32(0))
+    return drop
+
+
 @njit(inline="always")
-def _weighted(x, i, bb, flat, value, below, cutoff, mode, scale, w):
-    """W = w·δ̂ of one element: δ = x − b; magnitude trim (value > 0); rescale; weight."""
+def _weighted(x, i, bb, flat, j, params):
+    """W = w·δ̂ of one element of model j: δ = x − b; magnitude trim (value > 0) or random drop;
+    rescale; weight. ``params``: the per-model tuples of ``merge``."""
+    value, below, cutoff, keys, thresholds, mode, scale, w = params
     d = _f32(x[i]) - bb
-    t = _select(flat <= cutoff, below, value)
-    d = _select((value > np.float32(0)) & (d >= -t) & (d <= t), np.float32(0), d)  # hardshrink
-    d = _select(mode == 1, d * scale, _select(mode == 2, d / scale, d))
-    return d * w
+    t = _select(flat <= cutoff[j], below[j], value[j])
+    d = _select((value[j] > np.float32(0)) & (d >= -t) & (d <= t), np.float32(0), d)  # hardshrink
+    d = _drop(d, keys, thresholds, j, flat)
+    d = _select(mode[j] == 1, d * scale[j], _select(mode[j] == 2, d / scale[j], d))
+    return d * w[j]
 
 
 @njit(**_JIT)
-def merge(out, keep, b, xs, value, below, cutoff, mode, scale, w, consensus, normalize,
-          norm_div, lam, offset):
+def merge(out, keep, b, xs, value, below, cutoff, keys, thresholds, mode, scale, w, consensus,
+          normalize, norm_div, lam, offset):
     """out = b + λ·Δ over a span (and Δ into ``keep`` unless None); see
     ``fused_cpu.merge_span``. ``xs`` and the per-model
     parameters are tuples whose length is part of the compiled type, so the loops over models
@@ -148,21 +170,19 @@ def merge(out, keep, b, xs, value, below, cutoff, mode, scale, w, consensus, nor
     one = np.float32(1.0)
     zero = np.float32(0.0)
     n_models = len(xs)
+    params = (value, below, cutoff, keys, thresholds, mode, scale, w)
     for i in range(out.shape[0]):
         bb = _f32(b[i])
         flat = offset + i
-        total = _weighted(xs[0], i, bb, flat, value[0], below[0], cutoff[0], mode[0], scale[0],
-                          w[0])
+        total = _weighted(xs[0], i, bb, flat, 0, params)
         for j in range(1, n_models):
-            total = total + _weighted(xs[j], i, bb, flat, value[j], below[j], cutoff[j],
-                                      mode[j], scale[j], w[j])             # S = Σ_i W_i
+            total = total + _weighted(xs[j], i, bb, flat, j, params)      # S = Σ_i W_i
         if consensus:
             sign = _select(total >= zero, one, -one)                        # S = 0 elects +1
             acc = zero
             denom = zero
             for j in range(n_models):
-                v = _weighted(xs[j], i, bb, flat, value[j], below[j], cutoff[j], mode[j],
-                              scale[j], w[j]) * sign
+                v = _weighted(xs[j], i, bb, flat, j, params) * sign
                 v = _select(v < zero, zero, v)                              # torch.relu
                 agree = _select(v > zero, one, zero)
                 if j == 0:

@@ -302,15 +302,16 @@ class TaskVectorMethod(Method):
                     factors: list[float | None], rescale: Any, masking: Any) -> tuple | None:
         """(trims, scales) for ``fused_cpu.merge_span`` when it computes exactly what
         ``merge_span`` does here: finite inputs of one dtype, every δ̂_i present, sparsifiers
-        that are magnitude trims, no masks. None otherwise."""
+        the loops know (magnitude trim, random drop), no masks. None otherwise."""
         if masking is not None or not task.inputs_finite or min(densities) <= 0.0 \
                 or len({x.dtype for x in xs}) != 1 \
                 or not fused_cpu.supported(task, [task.base, *xs], out) \
-                or any(sp is not None and not hasattr(sp, "fused_trim") for sp in sparsifiers):
+                or any(sp is not None and not hasattr(sp, "fused_sparsifier")
+                       for sp in sparsifiers):
             return None
         trims, scales = [], []
         for sp, factor, density in zip(sparsifiers, factors, densities):
-            trims.append(None if sp is None else sp.fused_trim())
+            trims.append(None if sp is None else sp.fused_sparsifier())
             if sp is None:
                 scales.append((0, 1.0))
             elif factor is not None:

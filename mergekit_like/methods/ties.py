@@ -319,7 +319,7 @@ class MagnitudeTrim:
     def apply(self, delta: torch.Tensor, offset: int, scratch: Scratch | None = None) -> None:
         magnitude_trim_(delta, offset, self.kth.value, self.cutoff, self.below)
 
-    def fused_trim(self) -> fused_cpu.Trim:
+    def fused_sparsifier(self) -> fused_cpu.Trim:
         return fused_cpu.Trim(self.kth.value, self.below, self.cutoff)
 
 
