@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from functools import lru_cache
 from typing import Any, Sequence
 
@@ -66,23 +67,25 @@ def warm_up() -> None:
     """Import numba and load the compiled loops on a background thread (about 0.5–1 s from
     the disk cache), so that a merge pays it while its first tensors are being read."""
     if enabled():
-        threading.Thread(target=_warm, name="fused-cpu-warm-up", daemon=True).start()
-
-
-def _warm() -> None:
-    k = _kernels()
-    if k is not None:
-        a = np.zeros(CHUNK, np.uint16)
-        k.scan(a, a, np.float32(1), np.float32(0), np.float32(0), np.float32(1), True, 0, PIECE)
+        threading.Thread(target=_kernels, name="fused-cpu-warm-up", daemon=True).start()
 
 
 @lru_cache(maxsize=1)
 def _kernels():
+    """The compiled loops, or None when numba cannot provide them here (then every merge takes
+    the torch path): one tiny call loads (or compiles) them, so a numba that cannot import or
+    cannot write its cache fails here, not in the middle of a merge."""
     try:
-        from mergekit_like.methods import fused_cpu_kernels
-    except ImportError:  # pragma: no cover - numba is a dependency; a broken install falls back
+        from mergekit_like.methods import fused_cpu_kernels as kernels
+
+        a = np.zeros(CHUNK, np.uint16)
+        kernels.scan(a, a, np.float32(1), np.float32(0), np.float32(0), np.float32(1), True, 0,
+                     PIECE)
+    except Exception as exc:  # pragma: no cover - numba is a dependency; a broken one falls back
+        warnings.warn(f"fused CPU loops unavailable ({type(exc).__name__}: {exc}); merging with "
+                      "torch operations (slower)", RuntimeWarning, stacklevel=2)
         return None
-    return fused_cpu_kernels
+    return kernels
 
 
 def scan_abs_delta(x: torch.Tensor, b: torch.Tensor, span: tuple[int, int], lo: float,
