@@ -10,7 +10,8 @@ branch):
 * ``scan_abs_delta``: one read pass of ``ties.kth_largest`` over a span of |δ| = |x − b|:
   #(|δ| > hi), #(|δ| ≥ hi), #(|δ| ≥ lo) and the values (with flat indices) in [c_lo, c_hi].
 * ``merge_span``: out = b + λ·Δ of operators.md §2 over a span, for magnitude-trimmed
-  (or untrimmed) δ_i, with or without the sign consensus, written in the output dtype.
+  (TIES), randomly dropped (DARE) or whole δ_i, with or without the sign consensus, written in
+  the output dtype.
 
 bf16 is read as its bit pattern (uint16 << 16 is the float32 of equal value) and written with
 round-to-nearest-even, as torch casts. Only used when ``supported`` says so: CPU, float32
