@@ -72,7 +72,7 @@ class Spy:
 
 
 def both_paths(monkeypatch, method, base, xs, model_params, params, **kw):
-    """(torch output, fused output, spy counts, torch memo, fused memo)."""
+    """(torch output, fused output, spy call counts, [torch memo, fused memo])."""
     outs, memos = [], []
     spy = Spy(monkeypatch)
     for flag in ("0", "1"):

@@ -119,7 +119,7 @@ class Trim:
     """One model's magnitude trim as the loops take it: keep |δ| > below at flat indices
     ≤ cutoff and |δ| > value after it (``ties.magnitude_trim_``); value ≤ 0 keeps all."""
 
-    def __init__(self, value: float = 0.0, below: float = 0.0, cutoff: int | None = None):
+    def __init__(self, value: float, below: float, cutoff: int | None):
         self.value, self.below = value, below
         self.cutoff = np.iinfo(np.int64).max if cutoff is None else cutoff
 
