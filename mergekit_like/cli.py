@@ -6,6 +6,7 @@ no traceback.
 
 from __future__ import annotations
 
+import signal
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -58,6 +59,7 @@ def merge(
     """Merge the models of RECIPE into OUT."""
     from mergekit_like.device import resolve_device
     from mergekit_like.engine import MergeOptions, run_merge
+    from mergekit_like.io.manifest import MANIFEST
     from mergekit_like.io.shards import parse_size
     from mergekit_like.plan import build_plan
     from mergekit_like.recipe import load_recipe
@@ -79,7 +81,8 @@ def merge(
         finally:
             plan.close()
         return
-    if out.exists() and not overwrite:  # checked again under the lock; this fails fast
+    if out.exists() and not overwrite and not (out / MANIFEST).is_file():
+        # fails fast; an OUT with a manifest may hold this very merge (checked after planning)
         raise MergeError(f"output folder exists: {out} (pass --overwrite to replace it)")
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
@@ -95,13 +98,20 @@ def merge(
         result = run_merge(loaded, out, options, opener, progress=on_tensor, on_start=start)
         bar.update(task, description="done")
     _warn(result.warnings)
+    if result.already_complete:
+        err_console.print(f"already complete: {out}", markup=False)
+    else:
+        _print_written(result, out)
+    if publish_to is not None:
+        _publish(out, publish_to, hub, private=private, revision=None, create_pr=False,
+                 message=None)
+
+
+def _print_written(result, out: Path) -> None:
     resumed = f", {len(result.skipped_shards)} resumed" if result.skipped_shards else ""
     err_console.print(f"wrote {out} ({len(result.shards)} shard(s){resumed})")
     for note in result.notes:
         err_console.print(note, markup=False)
-    if publish_to is not None:
-        _publish(out, publish_to, hub, private=private, revision=None, create_pr=False,
-                 message=None)
 
 
 def _hub_settings(endpoint: Optional[str], cache_dir: Optional[Path], offline: bool,
@@ -166,13 +176,17 @@ def inspect(
 def verify(
     out: Path = typer.Argument(..., help="A merge output folder."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Accept NaN/Inf values."),
+    no_manifest: bool = typer.Option(False, "--no-manifest",
+                                     help="Check a folder without merge_manifest.json (structure and tensors only, no hashes)."),
 ) -> None:
-    """Check that OUT is complete and consistent (index ↔ files ↔ headers, every tensor readable)."""
+    """Check that OUT is complete and uncorrupted: every file's sha256 against
+    merge_manifest.json, index ↔ files ↔ headers, config ↔ tensors, every tensor readable."""
     from mergekit_like.verify import verify_output
 
-    report = verify_output(out, allow_nonfinite=allow_nonfinite)
+    report = verify_output(out, allow_nonfinite=allow_nonfinite, manifest=not no_manifest)
+    hashed = ", sha256 of every file checked" if report.hashed else ""
     out_console.print(f"ok: {out}: {report.tensors} tensors in {report.files} file(s), "
-                      f"{fmt_bytes(report.total_bytes)}")
+                      f"{fmt_bytes(report.total_bytes)}{hashed}")
 
 
 @app.command(name="eval")
@@ -183,6 +197,8 @@ def eval_model(
     batch_size: int = typer.Option(16, "--batch-size", help="Examples per forward pass."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto = CUDA when available)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle",
+                                      help="Load pickle pytorch_model.bin weights (weights_only)."),
 ) -> None:
     """Evaluate MODEL on the examples of --data: perplexity or per-task accuracy (float32)."""
     from mergekit_like.runtime import evaluate_accuracy, evaluate_perplexity, read_examples
@@ -196,7 +212,7 @@ def eval_model(
         raise MergeError(f"{data}: no such data file")
     require_transformers().utils.logging.disable_progress_bar()  # ours is on stderr below
     with err_console.status(f"loading {model} …") if not quiet else nullcontext():
-        loaded = _load_for_eval(model, device)
+        loaded = _load_for_eval(model, device, allow_pickle)
     examples = read_examples(data, loaded.tokenizer)
     if metric == "acc":
         examples = [ex for ex in examples if ex.answer_ids]
@@ -220,19 +236,27 @@ def eval_model(
         print_accuracy(model, examples, scores)
 
 
-def _load_for_eval(model: Path, device: str):
+def _load_for_eval(model: Path, device: str, allow_pickle: bool = False):
     """A Twin bundle loads routed per sample (runtime/twin.py), a WEMoE output with the
-    package's own modeling code (runtime/wemoe.py); anything else as a plain model."""
+    package's own modeling code (runtime/wemoe.py); anything else as a plain model. Pickle-only
+    weights are refused unless ``allow_pickle``, and then loaded weights-only (as in merge)."""
+    import pickle
+
     from mergekit_like.runtime import load_model
+    from mergekit_like.runtime.model import check_pickle, pickle_error
     from mergekit_like.twin.bundle import is_bundle
 
-    if is_bundle(model):
-        from mergekit_like.runtime.twin import load_twin
-        return load_twin(model, device=device)
-    from mergekit_like.runtime.wemoe import is_wemoe, load_wemoe
-    if is_wemoe(model):
-        return load_wemoe(model, device=device)
-    return load_model(model, device=device)
+    pickled = check_pickle(model, allow_pickle)
+    try:
+        if is_bundle(model):
+            from mergekit_like.runtime.twin import load_twin
+            return load_twin(model, device=device)
+        from mergekit_like.runtime.wemoe import is_wemoe, load_wemoe
+        if is_wemoe(model):
+            return load_wemoe(model, device=device)
+        return load_model(model, device=device, allow_pickle=allow_pickle)
+    except (pickle.UnpicklingError, EOFError) as exc:  # a weights-only load refused the pickle
+        raise pickle_error(model, pickled, exc) from None
 
 
 @app.command()
@@ -310,16 +334,23 @@ app.command(name="train-router")(train_router)
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _signal_name
+    _signal_name = "interrupted"
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (an embedding host): leave SIGTERM alone
+        previous = None
     try:
         code = app(args=argv, standalone_mode=False)
+        if code == 130:  # typer turns a KeyboardInterrupt into Exit(130), silently
+            return _interrupted()
         if isinstance(code, int) and code:
             return code  # a command that ends with typer.Exit(code) (grid: 3)
     except MergeError as exc:
         err_console.print(f"error: {exc}", markup=False)
         return exc.exit_code
     except KeyboardInterrupt:
-        err_console.print("error: interrupted; re-run the same command to resume", markup=False)
-        return 130
+        return _interrupted()
     except SystemExit as exc:  # typer/click exits (--help, usage errors)
         return exc.code if isinstance(exc.code, int) else 0
     except Exception as exc:
@@ -327,10 +358,32 @@ def main(argv: list[str] | None = None) -> int:
         if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             return exc.exit_code
-        if type(exc).__name__ == "Abort":
-            return 1
+        if type(exc).__name__ == "Abort":  # click's wrapping of a KeyboardInterrupt
+            return _interrupted() if isinstance(exc.__context__, KeyboardInterrupt) else 1
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _on_sigterm(signum, frame) -> None:
+    global _signal_name
+    _signal_name = "terminated"
+    raise KeyboardInterrupt
+
+
+_signal_name = "interrupted"
+
+
+def _interrupted() -> int:
+    """Ctrl-C or SIGTERM: say whether a partial output was kept for a resume; 130 / 143."""
+    from mergekit_like.io.output import KEPT_PARTIALS
+
+    kept = [p for p in KEPT_PARTIALS if p.exists()]
+    what = ("run the same command again to resume" if kept else "nothing written")
+    err_console.print(f"{_signal_name}; {what}", markup=False)
+    return 143 if _signal_name == "terminated" else 130
 
 
 def entrypoint() -> None:

@@ -22,6 +22,19 @@ FEATURE_BATCH = 16
 """Texts per forward pass of the shared model when computing features."""
 
 
+def _check_router_apart(bundle: Path, data: Path, val_data: Path | None) -> None:
+    """The files train-router replaces (the router, twin.json, the manifest) are none of its
+    data files: no flag makes it overwrite what it reads."""
+    from mergekit_like.io.fs import check_output_apart
+    from mergekit_like.io.manifest import MANIFEST
+    from mergekit_like.twin.bundle import BUNDLE_DIR, ROUTER_FILE
+
+    inputs = [("--data", data)] + ([("--val-data", val_data)] if val_data is not None else [])
+    for written in (bundle / BUNDLE_DIR / ROUTER_FILE, bundle / BUNDLE_DIR / "twin.json",
+                    bundle / ROUTER_FILE, bundle / MANIFEST):
+        check_output_apart(written, inputs)
+
+
 def train_router(
     bundle: Path = typer.Argument(..., help="A Twin bundle or a WEMoE folder (the output of a "
                                   "twin or wemoe merge)."),
@@ -65,6 +78,7 @@ def train_router(
     from mergekit_like.runtime.wemoe import is_wemoe
     from mergekit_like.twin.bundle import is_bundle
 
+    _check_router_apart(bundle, data, val_data)
     if is_bundle(bundle):
         settings = {"lr": 5e-4 if lr is None else lr, "epochs": epochs,
                     "batch_size": 256 if batch_size is None else batch_size, "seed": seed,

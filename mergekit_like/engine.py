@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 
 from mergekit_like.dtypes import all_finite
-from mergekit_like.errors import MergeError
+from mergekit_like.errors import AlreadyComplete, MergeError
 from mergekit_like.io.output import OutputFolder
 from mergekit_like.io.read_ahead import read_ahead
 from mergekit_like.io.shards import ShardPlan
 from mergekit_like.io.writer import AsyncShardWriter, iter_write_order
 from mergekit_like.methods.base import TensorTask, output_key
-from mergekit_like.output_layout import (jobs_in_write_order, plan_files, resume_key,
-                                         write_side_files)
+from mergekit_like.output_layout import (jobs_in_write_order, plan_files, plan_inputs,
+                                         resume_key, write_side_files)
 from mergekit_like.plan import MergePlan, SourceOpener, TensorJob, build_plan
 from mergekit_like.recipe import Recipe
 from mergekit_like.verify import verify_output
@@ -70,6 +70,8 @@ class MergeResult:
     skipped_shards: set[str]
     warnings: list[str]
     notes: list[str] = field(default_factory=list)
+    already_complete: bool = False
+    """OUT already held this very merge (same resume key): nothing was written."""
 
 
 Progress = Callable[[str, int], None]  # (tensor name, bytes of output produced)
@@ -82,7 +84,10 @@ def run_merge(recipe: Recipe, out: Path, options: MergeOptions, open_source: Sou
     ``progress(name, bytes)`` after each output tensor is handed to the writer."""
     plan = build_plan(recipe, open_source)
     try:
-        result = run_pass([plan], [Path(out)], options, progress, on_start, isolate=False)[0]
+        result = run_pass([plan], [Path(out)], options, progress, on_start, isolate=False,
+                          accept_complete=True)[0]
+    except AlreadyComplete:
+        return MergeResult(Path(out), [], set(), list(plan.warnings), already_complete=True)
     finally:
         plan.close()
     assert isinstance(result, MergeResult)
@@ -91,7 +96,7 @@ def run_merge(recipe: Recipe, out: Path, options: MergeOptions, open_source: Sou
 
 def run_pass(plans: list[MergePlan], outs: list[Path], options: MergeOptions,
              progress: Progress | None = None, on_start: Callable[[int], None] | None = None,
-             *, isolate: bool = True,
+             *, isolate: bool = True, accept_complete: bool = False,
              extra_files: list[dict[str, str]] | None = None) -> list[MergeResult | BaseException]:
     """Write one output per plan in a single read pass: each input tensor is read once and
     every plan's outputs are computed from it and written right away.
@@ -100,12 +105,13 @@ def run_pass(plans: list[MergePlan], outs: list[Path], options: MergeOptions,
     order (the grid groups its points so). ``isolate``: an error in one plan's merge or
     write fails that output only (its partial folder removed) and is returned in its place;
     a read error fails them all. Without it (a single merge) errors propagate.
-    ``extra_files[k]``: more side files (name → text) for output k, written before its check."""
+    ``extra_files[k]``: more side files (name → text) for output k, written before its check.
+    ``accept_complete``: an output that already holds this run raises ``AlreadyComplete``."""
     threads = torch.get_num_threads()
     points: list[_Point] = []
     try:
         for k, (plan, out) in enumerate(zip(plans, outs)):
-            points.append(_open_point(plan, Path(out), options, len(plans)))
+            points.append(_open_point(plan, Path(out), options, len(plans), accept_complete))
             points[-1].extra = dict(extra_files[k]) if extra_files else {}
         for method in {id(pt.plan.method): pt.plan.method for pt in points}.values():
             method.warm_up(options.device)
@@ -151,13 +157,15 @@ class _Point:
         return [s for shards in self.groups.values() for s in shards]
 
 
-def _open_point(plan: MergePlan, out: Path, options: MergeOptions, n_points: int) -> _Point:
+def _open_point(plan: MergePlan, out: Path, options: MergeOptions, n_points: int,
+                accept_complete: bool = False) -> _Point:
     """Plan the output's shard layout and resume key, open its folder and writers."""
     groups = plan_files(plan, options.out_shard_bytes)
     shards = [s for g in groups.values() for s in g]
     folder = OutputFolder(out, overwrite=options.overwrite, resume=options.resume,
                           resume_key=resume_key(plan, shards, options),
-                          planned_bytes=sum(s.file_size for s in shards), plans=shards)
+                          planned_bytes=sum(s.file_size for s in shards), plans=shards,
+                          inputs=plan_inputs(plan), accept_complete=accept_complete)
     done = folder.prepare()
     budget = max(1, options.read_ahead_bytes // (n_points * len(groups)))
     writers = [(AsyncShardWriter(folder, g, skip=done, max_queue_bytes=budget),
@@ -239,7 +247,7 @@ def _finish(pt: _Point) -> None:
     write_side_files(pt.plan, pt.folder, pt.groups, pt.reports)
     for name, text in {**pt.plan.method.side_files(pt.plan, pt.reports), **pt.extra}.items():
         pt.folder.write_side_file(name, text)
-    verify_output(pt.folder.partial, read_data=False, allow_state_dir=True)
+    verify_output(pt.folder.partial, read_data=False, allow_state_dir=True, manifest=False)
     pt.folder.finalize()
 
 

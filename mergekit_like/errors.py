@@ -13,3 +13,12 @@ class MergeError(Exception):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(" ".join(str(message).split("\n")))
         self.exit_code = exit_code
+
+
+class AlreadyComplete(Exception):
+    """Not an error: the output folder already holds the finished result of this very run (the
+    same resume key in its manifest), so there is nothing to do."""
+
+    def __init__(self, out):
+        super().__init__(f"already complete: {out}")
+        self.out = out

@@ -1,12 +1,14 @@
 """The output's layout and bookkeeping, for the engine (engine.py): which weight files each
 output group gets and the order jobs must run in for their writers, the side files (index,
-config, card, recipe, a method's own) and the resume key."""
+config, card, recipe, a method's own), the inputs the output must stay apart from, and the
+resume key."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from mergekit_like import __version__
 from mergekit_like.io.output import OutputFolder
@@ -69,6 +71,19 @@ def write_side_files(plan: MergePlan, folder: OutputFolder, groups: dict[str, li
         method=recipe.merge_method, base_models=hub_models, models=models,
         recipe_text=recipe.text, extra=extra, title=plan.method.card_title))
     folder.write_side_file("mergekit_config.yml", recipe.text)
+
+
+def plan_inputs(plan: MergePlan) -> list[tuple[str, Path]]:
+    """(label, local path) of everything the plan reads: each model's folder (a Hub model's
+    cache folder), side inputs, the tokenizer donor and the recipe file."""
+    found: list[tuple[str, Path]] = []
+    for inp, source in zip(plan.inputs, plan.sources):
+        found.append((f"model {inp.ref.display}", source.local_root()))
+    found += [(f"side input {label}", src.local_root()) for label, src in plan.side.items()]
+    found.append(("tokenizer source", plan.tokenizer.local_root()))
+    if plan.recipe.path is not None and Path(plan.recipe.path).is_file():
+        found.append(("recipe file", Path(plan.recipe.path)))
+    return [(label, path) for label, path in found if path is not None]
 
 
 def resume_key(plan: MergePlan, shards: list[ShardPlan], options) -> str:

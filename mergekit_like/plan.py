@@ -167,12 +167,33 @@ def build_plan(recipe: Recipe, open_source: SourceOpener) -> MergePlan:
     sources: list[CheckpointSource] = []
     try:
         for inp in inputs:
-            sources.append(open_source(inp))
+            sources.append(open_input(recipe, open_source, inp))
         return _plan(recipe, inputs, sources, open_source)
     except BaseException:
         for s in sources:
             s.close()
         raise
+
+
+def open_input(recipe: Recipe, open_source: SourceOpener, inp: InputModel,
+               line_path: tuple | None = None, label: str | None = None) -> CheckpointSource:
+    """``open_source(inp)``; an error opening a Hub model is located at the model's recipe line:
+    ``recipe.yml:4 models[1] (org/x): cannot reach …`` (the name is left out of the label when
+    the message already gives it)."""
+    try:
+        return open_source(inp)
+    except MergeError as exc:
+        if inp.ref.is_local:
+            raise  # local errors already name the folder
+        message = str(exc)
+        if line_path is None:
+            line_path = ("models", inp.index) if inp.listed else ("base_model",)
+        if label is None:
+            label = "base_model" if not inp.listed else f"models[{inp.index}]"
+        if inp.ref.path not in message:
+            label += f" ({inp.ref.display})"
+        raise MergeError(f"{recipe.locator.at(line_path, label)}: {message}",
+                         exit_code=exc.exit_code) from None
 
 
 def _plan(recipe: Recipe, inputs: list[InputModel], sources: list[CheckpointSource],
@@ -267,4 +288,6 @@ def tokenizer_donor(recipe: Recipe, inputs: list[InputModel], sources: list[Chec
     for inp, src in zip(inputs, sources):
         if inp.ref.path == want.path and inp.ref.revision == want.revision:
             return src
-    return open_source(InputModel(ref=want, index=-1, is_base=False, entry_params={}))
+    return open_input(recipe, open_source,
+                      InputModel(ref=want, index=-1, is_base=False, entry_params={}),
+                      ("tokenizer_source",), "tokenizer_source")

@@ -3,6 +3,7 @@ from the local cache when offline."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from mergekit_like.errors import MergeError
@@ -11,7 +12,7 @@ from mergekit_like.io.local import LocalSource
 from mergekit_like.io.source import CheckpointSource
 from mergekit_like.plan import SourceOpener
 from mergekit_like.recipe import InputModel
-from mergekit_like.recipe.refs import ModelRef, is_valid_repo_id
+from mergekit_like.recipe.refs import ModelRef, is_valid_repo_id, looks_local, missing_folder
 
 OFFLINE_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "merges.txt", "vocab.txt",
                     "chat_template.jinja", "*.py"]
@@ -55,8 +56,11 @@ def source_opener(*, allow_pickle: bool = False, hub: HubSettings | None = None)
 def open_ref(ref: str, *, allow_pickle: bool = False,
              hub: HubSettings | None = None) -> CheckpointSource:
     """A model named on the command line (``inspect``): a folder, or ``org/name[@rev]``."""
-    if Path(ref).is_dir():
-        return LocalSource(Path(ref), ref, allow_pickle=allow_pickle)
+    folder = Path(os.path.expanduser(ref))  # Path.expanduser raises for an unknown ~user
+    if folder.is_dir():
+        return LocalSource(folder, ref, allow_pickle=allow_pickle)
+    if looks_local(ref):
+        raise MergeError(missing_folder(ref))
     name, _, rev = ref.partition("@")
     if not is_valid_repo_id(name) or (("@" in ref) and not rev):
         raise MergeError(f"'{ref}' is neither an existing folder nor a valid Hub repo id")

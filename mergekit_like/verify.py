@@ -10,7 +10,11 @@ Checks, each failing with a one-line ``MergeError`` naming the file or tensor:
 * index ↔ headers agree exactly, and ``metadata.total_size`` equals the sum of tensor data bytes;
 * every header valid (``parse_header``: offsets, sizes, dtypes);
 * every tensor readable, one at a time (large ones in row blocks), and finite unless allowed
-  (skipped with ``read_data=False``).
+  (skipped with ``read_data=False``);
+* ``config.json`` agrees with the tensors: its layer count with the layer stack, its
+  ``vocab_size`` with the embedding rows;
+* every file ``merge_manifest.json`` lists is there with its recorded size and, when the data is
+  read, its sha256 (io/manifest.py): a flipped bit, a truncated shard or an edited index fails.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from safetensors import safe_open
 from mergekit_like.dtypes import all_finite, ST_TO_TORCH, is_float_code
 from mergekit_like.errors import MergeError
 from mergekit_like.io.local import read_weight_map
+from mergekit_like.io.manifest import check_manifest, read_manifest
 from mergekit_like.io.safetensors_header import parse_header
+from mergekit_like.recipe.params import config_num_layers, layer_index, layer_stacks
 
 STATE_DIR = ".mergekit_like_state"
 BUNDLE_DIR = "twin"
@@ -44,13 +50,17 @@ class VerifyReport:
     total_bytes: int = 0  # tensor data bytes
     dtypes: Counter = field(default_factory=Counter)  # safetensors code -> tensor count
     sharded: bool = False
+    headers: dict = field(default_factory=dict)  # weight file -> its parsed header
     bundle: Any = None  # a Twin bundle's report (twin/bundle.py), when the folder is one
+    hashed: bool = False  # every manifest entry's sha256 was checked
 
 
 def verify_output(folder: Path, *, allow_nonfinite: bool = False, read_data: bool = True,
-                  allow_state_dir: bool = False) -> VerifyReport:
-    """Check ``folder``; ``read_data=False`` skips the tensor reads (structure and headers only),
-    ``allow_state_dir=True`` accepts ``.mergekit_like_state/`` (a partial folder, before cleanup)."""
+                  allow_state_dir: bool = False, manifest: bool | None = None) -> VerifyReport:
+    """Check ``folder``; ``read_data=False`` skips the tensor reads and the hashes (structure,
+    headers and manifest sizes only), ``allow_state_dir=True`` accepts ``.mergekit_like_state/``
+    (a partial folder, before cleanup). ``manifest``: True requires ``merge_manifest.json``,
+    None checks it when present, False ignores it (a partial folder has none yet)."""
     folder = Path(folder)
     where = str(folder)
     if not folder.is_dir():
@@ -69,13 +79,52 @@ def verify_output(folder: Path, *, allow_nonfinite: bool = False, read_data: boo
     if not isinstance(cfg, dict):
         raise MergeError(f"{where}: config.json is not a JSON object")
 
+    if manifest or (manifest is None and read_manifest(folder) is not None):
+        check_manifest(folder, where, hashes=read_data)
+        report_hashed = read_data
+    else:
+        report_hashed = False
     report = verify_weights(folder, "model", where, read_data=read_data,
                             allow_nonfinite=allow_nonfinite, ignore=(BUNDLE_DIR,))
+    report.hashed = report_hashed
+    _check_config(cfg, report.headers, where)
     if (folder / BUNDLE_DIR).exists():
         from mergekit_like.twin.bundle import verify_bundle
         report.bundle = verify_bundle(folder, read_data=read_data,
                                       allow_nonfinite=allow_nonfinite)
     return report
+
+
+EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight",
+                   "embed_in.weight")
+"""Suffixes of an input-embedding tensor, whose rows are the vocabulary."""
+
+
+def _check_config(cfg: dict, headers: dict, where: str) -> None:
+    """config.json's layer count against the largest layer stack of the weights, and its
+    ``vocab_size`` against the input embedding's rows (each only where both are known)."""
+    shapes = {name: e["shape"] for h in headers.values() for name, e in h.tensors.items()}
+    layers = config_num_layers(cfg)
+    stacks = layer_stacks(shapes)
+    if layers is not None and stacks and max(stacks.values()) != layers:
+        prefix, found = max(stacks.items(), key=lambda kv: kv[1])
+        raise MergeError(f"{where}: config.json says {layers} layers, but the weights hold "
+                         f"{found} ({prefix}.0 … {prefix}.{found - 1}); tensors are missing "
+                         "or the config is wrong")
+    present = {li for li in map(layer_index, shapes) if li is not None}
+    for prefix, n in stacks.items():
+        hole = next((i for i in range(n) if (prefix, i) not in present), None)
+        if hole is not None:
+            raise MergeError(f"{where}: the weights hold no tensor of layer {prefix}.{hole} "
+                             f"(of {n}); tensors are missing")
+    vocab = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size")
+                    if isinstance(cfg.get("text_config"), dict) else None)
+    if not isinstance(vocab, int) or isinstance(vocab, bool):
+        return
+    for name, shape in shapes.items():
+        if name.endswith(EMBEDDING_NAMES) and len(shape) == 2 and shape[0] != vocab:
+            raise MergeError(f"{where}: config.json says vocab_size {vocab}, but '{name}' has "
+                             f"{shape[0]} rows")
 
 
 def verify_weights(folder: Path, stem: str, where: str, *, read_data: bool = True,
@@ -148,6 +197,7 @@ def verify_weights(folder: Path, stem: str, where: str, *, read_data: bool = Tru
             _check_tensors(folder, rel, headers[rel], where, allow_nonfinite)
     report.files = len(files)
     report.file_names = files
+    report.headers = headers
     return report
 
 

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 from mergekit_like.errors import MergeError
+from mergekit_like.io.manifest import update_manifest
 from mergekit_like.runtime.data import Example, check_token_ids, pad_batch, read_examples
 from mergekit_like.runtime.evaluate import evaluate_perplexity
 from mergekit_like.runtime.hooks import enable_checkpointing
@@ -313,6 +314,7 @@ def save_routers(root: Path, routers: dict[str, torch.Tensor], metadata: dict[st
         os.close(folder)
     finally:
         tmp.unlink(missing_ok=True)
+    update_manifest(Path(root), [ROUTER_FILE])
 
 
 def _metadata(data: Path, s: WemoeTrainSettings, r: WemoeTrainResult) -> dict[str, str]:

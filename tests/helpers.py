@@ -30,14 +30,21 @@ def expect_merge_error(tmp_path: Path, capsys, doc: dict | str, *needles: str,
     out = tmp_path / "out"
     before = sorted(p.name for p in tmp_path.iterdir())
     code, _, err = run_cli(["merge", recipe, out, "-q", *extra], capsys)
+    line = assert_one_line_error(code, err, *needles)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no partial folder, no lock
+    return line
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> str:
+    """Bad input's shape: exit code 2, one ``error:`` line on stderr (warnings aside) holding
+    every needle, no traceback. Returns the error line."""
     lines = [ln for ln in err.strip().splitlines() if not ln.startswith("warning:")]
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
-    assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no partial folder, no lock
     return lines[0]
 
 

@@ -309,7 +309,9 @@ def test_non_strict_keeps_valid_points():
     assert [p.label for p in g.points] == ["weight=1.0,lambda=1", "weight=1.0,lambda=2"]
     assert [label for label, _ in g.invalid] == ["weight=oops,lambda=1", "weight=oops,lambda=2",
                                                  "weight=bad,lambda=1", "weight=bad,lambda=2"]
-    assert len(g.warnings) == 4 and all("is invalid" in w for w in g.warnings)
+    assert g.warnings == []          # invalid points are failed rows (run.py), not warnings
+    assert all(p.message.startswith("g.yml:8 models[0].parameters.weight: expected a number")
+               for p in g.invalid_points)
 
 
 def test_plain_invalid_recipe_keeps_its_own_error():

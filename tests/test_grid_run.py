@@ -39,7 +39,8 @@ def grid_file(tmp_path: Path, family, **extra) -> Path:
 
 def weights(folder: Path) -> dict[str, str]:
     return {k: v for k, v in folder_digest(folder).items()
-            if k.endswith((".safetensors", ".json")) and k != "grid_point.json"}
+            if k.endswith((".safetensors", ".json"))
+            and k not in ("grid_point.json", "merge_manifest.json")}  # these name the point
 
 
 def results(root: Path) -> list[dict]:

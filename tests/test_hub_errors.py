@@ -38,18 +38,20 @@ def merge(hub, tmp_path, capsys, recipe: dict, *extra):
 
 def test_repo_not_found(hub, tmp_path, capsys):
     code, err = merge(hub, tmp_path, capsys, ties_recipe("org/base", "org/nope", "org/ft2"))
-    assert code == 2 and err == f"error: org/nope not found on {hub.url} (if it is private, set HF_TOKEN)"
+    assert code == 2 and err == (f"error: {tmp_path / 'r.yml'}:4 models[0]: org/nope not found on "
+                                 f"{hub.url} (if it is private, set HF_TOKEN)")
 
 
 def test_revision_not_found(hub, tmp_path, capsys):
     code, err = merge(hub, tmp_path, capsys, ties_recipe("org/base", "org/ft1@v9", "org/ft2"))
-    assert code == 2 and err == "error: org/ft1 has no revision 'v9'"
+    assert code == 2 and err == f"error: {tmp_path / 'r.yml'}:4 models[0]: org/ft1 has no revision 'v9'"
 
 
 def test_gated_without_token(hub, family, tmp_path, capsys):
     hub.add_repo("org/gated", folder_files(family[1]), gated=True)
     code, err = merge(hub, tmp_path, capsys, ties_recipe("org/base", "org/gated", "org/ft2"))
-    assert code == 2 and err == "error: org/gated is gated: accept its terms on the Hub, then set HF_TOKEN"
+    assert code == 2 and err == (f"error: {tmp_path / 'r.yml'}:4 models[0]: org/gated is gated: "
+                                 "accept its terms on the Hub, then set HF_TOKEN")
 
 
 def test_no_safetensors_weights(hub, tmp_path, capsys):
@@ -84,7 +86,7 @@ def test_index_escaping_the_folder_is_refused(hub, family, tmp_path, capsys, evi
 def test_server_error_exits_1(hub, tmp_path, capsys):
     hub.fail_next("/api/models/org/ft1", status=500)
     code, err = merge(hub, tmp_path, capsys, ties_recipe("org/base", "org/ft1", "org/ft2"))
-    assert code == 1 and err == "error: Hub error 500 for org/ft1; retry later"
+    assert code == 1 and err == f"error: {tmp_path / 'r.yml'}:4 models[0]: Hub error 500 for org/ft1; retry later"
 
 
 def test_unreachable_endpoint_exits_1(tmp_path, capsys, fake_hub):
@@ -95,7 +97,8 @@ def test_unreachable_endpoint_exits_1(tmp_path, capsys, fake_hub):
     url = f"http://127.0.0.1:{port}"
     code, _, err = run_cli(["merge", path, tmp_path / "out", "--endpoint", url,
                             "--cache-dir", tmp_path / "c", "-q"], capsys)
-    assert code == 1 and err.startswith(f"error: cannot reach {url}") and len(err.splitlines()) == 1
+    assert code == 1 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: {path}:4 models[0] (org/ft1): cannot reach {url}")
     assert not (tmp_path / "out").exists()
 
 

@@ -17,6 +17,7 @@ import yaml
 from mergekit_like.errors import MergeError
 from mergekit_like.io import output as output_mod
 from mergekit_like.io.output import OutputFolder
+from mergekit_like.io.manifest import MANIFEST, file_entry
 from mergekit_like.io.shards import plan_shards
 from mergekit_like.io.side_files import (
     CONFIG_DONOR_FILES,
@@ -78,7 +79,7 @@ def test_fresh_run_finalize_leaves_nothing_else(tmp_path):
     assert folder.finalize() == tmp_path / "out"
     assert leftovers(tmp_path) == []
     assert sorted(os.listdir(tmp_path / "out")) == sorted([p.filename for p in PLANS] +
-                                                         ["config.json"])
+                                                         ["config.json", MANIFEST])
     assert folder.written_files == sorted([p.filename for p in PLANS] + ["config.json"])
 
 
@@ -92,7 +93,7 @@ def test_overwrite_replaces(tmp_path):
     write_shards(folder)
     folder.finalize()
     assert not (out / "stale.safetensors").exists()
-    assert sorted(os.listdir(out)) == [p.filename for p in PLANS]
+    assert sorted(os.listdir(out)) == sorted([p.filename for p in PLANS] + [MANIFEST])
     assert leftovers(tmp_path) == []
 
 
@@ -187,7 +188,10 @@ def test_resume_keeps_valid_and_deletes_corrupted(tmp_path):
     assert folder.warnings == []
     write_shards(folder, skip={PLANS[0].filename})
     folder.finalize()
-    assert sorted(os.listdir(tmp_path / "out")) == [p.filename for p in PLANS]
+    assert sorted(os.listdir(tmp_path / "out")) == sorted([p.filename for p in PLANS] + [MANIFEST])
+    recorded = json.loads((tmp_path / "out" / MANIFEST).read_text())["files"]
+    for p in PLANS:  # the kept shard's hash comes from its marker, the others from the writer
+        assert recorded[p.filename] == file_entry(tmp_path / "out" / p.filename)
 
 
 def test_resume_marker_mismatch_with_plan(tmp_path):

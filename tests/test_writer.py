@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import struct
 
@@ -129,7 +130,8 @@ def test_shard_writer_roundtrip_all_dtypes(tmp_path):
     marker = w.finish()
     path = tmp_path / plan.filename
     assert marker == {"file": plan.filename, "size": path.stat().st_size,
-                      "header_sha256": plan.header_sha256}
+                      "header_sha256": plan.header_sha256,
+                      "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     assert path.read_bytes()[:len(plan.header_bytes)] == plan.header_bytes
     with safe_open(str(path), framework="pt", device="cpu") as f:
         assert set(f.keys()) == set(data) and f.metadata() == {"format": "pt"}

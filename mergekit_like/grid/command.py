@@ -18,6 +18,7 @@ from mergekit_like.grid.expand import Grid, load_grid, short_keys
 from mergekit_like.grid.results import (ResultLog, atomic_write, csv_text, latest, read_results)
 from mergekit_like.grid.run import (GridOptions, SharedSources, acquire_lock, group_passes,
                                     plan_points, run_grid, select_shard)
+from mergekit_like.io.fs import check_output_apart
 from mergekit_like.plan import SourceOpener
 
 EXIT_POINT_FAILED = 3
@@ -55,6 +56,7 @@ def grid_main(grid_path: Path, root: Path, merge_options: MergeOptions, opener: 
               dry_run: bool, report_only: bool, out: Console, err: Console) -> int:
     if report_only:
         grid = load_grid(grid_path, seed=seed, strict=False)
+        _check_root_apart(grid, root, evals)
         rows = list(latest(read_results(root)).values())
         _report(root, grid, rows, evals, out)
         return EXIT_POINT_FAILED if _any_failed(rows) else 0
@@ -63,6 +65,7 @@ def grid_main(grid_path: Path, root: Path, merge_options: MergeOptions, opener: 
         if not evals.ppl_file.is_file():
             raise MergeError(f"--eval-ppl {evals.ppl_file}: no such file")
     grid = load_grid(grid_path, seed=seed, strict=strict)
+    _check_root_apart(grid, root, evals)
     for w in dict.fromkeys([*grid.warnings, *(w for p in grid.points for w in p.recipe.warnings)]):
         err.print(f"[yellow]warning:[/yellow] {w}", markup=True)
     if dry_run:
@@ -78,8 +81,8 @@ def grid_main(grid_path: Path, root: Path, merge_options: MergeOptions, opener: 
     try:
         atomic_write(root / "grid.yml", grid.text)
         log = ResultLog(root, options.shard)
-        for label, message in grid.invalid:
-            err.print(f"point {label}: {message}", markup=False)
+        for ip in grid.invalid_points:
+            err.print(f"point {ip.label} is invalid: {ip.message}", markup=False)
 
         def evaluate(rows: list[dict[str, Any]]) -> None:
             _evaluate(root, [r for r in rows if r["status"] == "ok"], evals, log, err,
@@ -93,9 +96,21 @@ def grid_main(grid_path: Path, root: Path, merge_options: MergeOptions, opener: 
         ran = {r["id"] for r in run.rows}             # this run's (or slice's) points
         rows = [r for r in latest(read_results(root)).values() if r["id"] in ran]
         _report(root, grid, rows, evals, out)
-        return EXIT_POINT_FAILED if _any_failed(rows) or grid.invalid else 0
+        return EXIT_POINT_FAILED if _any_failed(rows) else 0
     finally:
         lock.unlink(missing_ok=True)
+
+
+def _check_root_apart(grid: Grid, root: Path, evals: EvalOptions) -> None:
+    """OUT_ROOT is not, does not hold and does not lie inside the grid file, a local model of
+    any point or the --eval-ppl text (each point's own folder is checked again when opened)."""
+    inputs = [("grid file", grid.path)]
+    if evals.ppl_file is not None:
+        inputs.append(("--eval-ppl file", evals.ppl_file))
+    for point in grid.points:
+        inputs += [(f"model {ref.display}", Path(ref.path))
+                   for ref in point.recipe.all_refs() if ref.is_local]
+    check_output_apart(root, list(dict.fromkeys(inputs)))
 
 
 def _any_failed(rows: list[dict[str, Any]]) -> bool:
@@ -126,8 +141,9 @@ def _goal(evals: EvalOptions) -> str:
 
 def _report(root: Path, grid: Grid, rows: list[dict[str, Any]], evals: EvalOptions,
             out: Console) -> None:
-    """results.csv (atomically) and the rich table, best metric first and in bold."""
-    order = {p.id: k for k, p in enumerate(grid.points)}
+    """results.csv (atomically), the rich table (best metric first and in bold), one line per
+    failed point with its reason, and the summary counts."""
+    order = {p.id: k for k, p in enumerate([*grid.points, *grid.invalid_points])}
     rows = sorted(rows, key=lambda r: order.get(r["id"], len(order)))
     metrics = [r["metric"] for r in rows if isinstance(r.get("metric"), (int, float))
                and math.isfinite(r["metric"])]
@@ -152,6 +168,11 @@ def _report(root: Path, grid: Grid, rows: list[dict[str, Any]], evals: EvalOptio
                       "" if r.get("wall_s") is None else f"{r['wall_s']:.2f}",
                       "" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f}", shown)
     out.print(table)
+    for r in rows:  # the reasons, one line each (a table cell would wrap them)
+        if r["status"] == "failed":
+            reason = r.get("error") or "no reason recorded"
+            out.print(f"failed {r.get('label', '')} ({r['id']}): {reason}", markup=False,
+                      highlight=False)
     counts = {s: sum(1 for r in rows if r["status"] == s) for s in ("ok", "failed", "skipped")}
     out.print(f"{len(rows)} points: {counts['ok']} ok, {counts['failed']} failed, "
               f"{counts['skipped']} skipped")
@@ -170,9 +191,12 @@ def _print_expansion(grid: Grid, opener: SourceOpener, options: GridOptions, out
         for p in planned:
             table.add_row(p.id, p.point.label, str(pass_of.get(p.id, "-")),
                           "invalid: " + p.error if p.error else "ok")
+        for ip in grid.invalid_points:
+            table.add_row(ip.id, ip.label, "-", "invalid: " + ip.message)
         out.print(table)
         est = max((p.plan.peak_memory_estimate(1 << 22) for p in valid), default=0)
-        out.print(f"{len(planned)} points in {len(passes)} pass(es); peak memory estimate "
+        total = len(planned) + len(grid.invalid_points)
+        out.print(f"{total} points in {len(passes)} pass(es); peak memory estimate "
                   f"{est / 1e9 + 0.35:.2f} GB (one merge's peak; points of a pass share it)")
     finally:
         sources.close()

@@ -7,12 +7,14 @@ Steps: parse the YAML with line numbers; split off the grid keys (``grid``, ``zi
 ``label``); build the axes (every ``grid:`` entry, then every ``zip:`` group, in file order);
 take the cartesian product (last axis fastest), substituting each point's values into a deep copy
 of the recipe; drop points matching an exclude rule; label and validate every point; collapse
-points with the same resolved recipe.
+points with the same resolved recipe. A point that fails validation is kept as an
+``InvalidPoint`` (the runner records it as a failed row) unless ``strict`` or no point is valid.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,17 +53,39 @@ class GridPoint:
 
 
 @dataclass
+class InvalidPoint:
+    """A point that failed validation: its label and varied values, its recipe document as YAML
+    (``text``) and the validator's message on one line (naming the grid file's line)."""
+
+    label: str
+    values: dict[str, Any]
+    text: str
+    message: str
+
+    @property
+    def id(self) -> str:
+        """First 12 hex characters of the sha256 of ``text``: stable across runs (so --resume
+        and --skip-failed find the point's earlier row); it never names a folder."""
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()[:12]
+
+
+@dataclass
 class Grid:
     """An expanded grid. ``points`` are the valid, distinct points in expansion order (``index``
-    is the position in this list); ``invalid`` the (label, message) of points that failed
-    validation (only with ``strict=False``; they are also named in ``warnings``)."""
+    is the position in this list); ``invalid_points`` the distinct points that failed validation
+    (only with ``strict=False``; the runner records each as a failed row)."""
 
     path: Path
     text: str
     points: list[GridPoint]
     varied: list[str]
     warnings: list[str]
-    invalid: list[tuple[str, str]] = field(default_factory=list)
+    invalid_points: list[InvalidPoint] = field(default_factory=list)
+
+    @property
+    def invalid(self) -> list[tuple[str, str]]:
+        """(label, message) of every invalid point."""
+        return [(p.label, p.message) for p in self.invalid_points]
 
 
 @dataclass
@@ -262,7 +286,8 @@ def load_grid_text(text: str, display: str = "grid.yml", *, path: str | Path | N
 
     ``seed`` (the CLI's ``--seed``) overrides every point's seed; ``methods`` replaces the method
     registry as in ``build_recipe``. With ``strict`` (the default) any invalid point raises one
-    MergeError listing every invalid point; otherwise invalid points go to ``Grid.invalid``.
+    MergeError listing every invalid point; otherwise invalid points go to
+    ``Grid.invalid_points`` (not to ``warnings``), unless no point is valid: that raises too.
     """
     path = Path(path or display)
     data, lines = load_yaml(text, display)
@@ -292,8 +317,28 @@ def load_grid_text(text: str, display: str = "grid.yml", *, path: str | Path | N
         raise loc.error(("exclude",), f"every one of the {total} points is excluded; the grid "
                                       "is empty", label="exclude")
 
+    points, invalid, first_error = _validate(candidates, template, short, loc, path,
+                                             seed=seed, methods=methods)
+    if invalid and (strict or not points):  # nothing valid: the grid itself is bad input
+        if not axes and len(candidates) == 1:
+            raise first_error  # a plain recipe: its own error, unchanged
+        listing = "; ".join(f"{p.label}: {p.message}" for p in invalid)
+        raise MergeError(f"{display}: {len(invalid)} of {len(candidates)} points are invalid: "
+                         f"{listing}")
+    points, dup_warnings = _dedupe(points, display)
+    return Grid(path=path, text=text, points=points, varied=varied,
+                warnings=warnings + dup_warnings, invalid_points=invalid)
+
+
+def _validate(candidates: list[tuple[dict, dict, dict]], template: str | None,
+              short: dict[str, str], loc: Locator, path: Path, *, seed: int | None,
+              methods: Mapping[str, Any] | None
+              ) -> tuple[list[GridPoint], list[InvalidPoint], MergeError | None]:
+    """Label and validate every candidate: (valid points, distinct invalid points, the first
+    validation error). Invalid points with the same recipe text collapse into the first."""
+    display = loc.display
     points: list[GridPoint] = []
-    invalid: list[tuple[str, str]] = []
+    invalid: dict[str, InvalidPoint] = {}
     first_error: MergeError | None = None
     for doc, values, point_lines in candidates:
         label = make_label(template, values, doc, short, loc)
@@ -302,21 +347,12 @@ def load_grid_text(text: str, display: str = "grid.yml", *, path: str | Path | N
             recipe = build_recipe(doc, Locator(display, point_lines), path=path,
                                   text=point_text, seed=seed, methods=methods)
         except MergeError as exc:
-            invalid.append((label, str(exc)))
+            bad = InvalidPoint(label, values, point_text, " ".join(str(exc).split("\n")))
+            invalid.setdefault(bad.id, bad)
             first_error = first_error or exc
             continue
         points.append(GridPoint(len(points), values, doc, point_text, recipe, label))
-
-    if invalid and strict:
-        if not axes and len(candidates) == 1:
-            raise first_error  # a plain recipe: its own error, unchanged
-        listing = "; ".join(f"{label}: {message}" for label, message in invalid)
-        raise MergeError(f"{display}: {len(invalid)} of {len(candidates)} points are invalid: "
-                         f"{listing}")
-    warnings += [f"{display}: point '{label}' is invalid: {message}" for label, message in invalid]
-    points, dup_warnings = _dedupe(points, display)
-    return Grid(path=path, text=text, points=points, varied=varied,
-                warnings=warnings + dup_warnings, invalid=invalid)
+    return points, list(invalid.values()), first_error
 
 
 def load_grid(path: str | Path, *, seed: int | None = None, strict: bool = True,

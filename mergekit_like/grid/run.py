@@ -1,7 +1,8 @@
 """Running a grid (grid.md §2–§5, §7): plan every point, group the points that read the same
 inputs into passes, run each pass as one read (``engine.run_pass``), log every attempt.
 
-    OUT_ROOT/grid.yml, points.json, <id>/ (a complete merge output + grid_point.json),
+    OUT_ROOT/grid.yml, points.json, <id>/ (a complete merge output + grid_point.json; none for a
+    point that failed validation, which is only a failed row),
     .<id>.partial/ (only while it is written), results.jsonl (+ results.<i>-of-<n>.jsonl),
     results.csv, .grid.lock
 """
@@ -22,7 +23,7 @@ from typing import Any, Callable
 from mergekit_like import __version__
 from mergekit_like.engine import MergeOptions, run_pass
 from mergekit_like.errors import MergeError
-from mergekit_like.grid.expand import Grid, GridPoint, partition
+from mergekit_like.grid.expand import Grid, GridPoint, InvalidPoint, partition
 from mergekit_like.grid.results import ResultLog, atomic_write
 from mergekit_like.io.output import pid_alive
 from mergekit_like.io.source import CheckpointSource
@@ -178,12 +179,13 @@ def run_grid(grid: Grid, root: Path, merge_options: MergeOptions, opener: Source
     sources = SharedSources(opener)
     try:
         planned = _unique(plan_points(grid, sources), run.warnings)
+        run.rows.extend(_record_invalid(grid, options, log))
         for p in planned:
             if p.error is not None:
                 run.rows.append(log.record(_row(p, "failed", error=p.error)))
         valid = [p for p in planned if p.error is None]
         passes = select_shard(group_passes(valid, options.pass_size), options.shard)
-        _write_points_json(root, planned, passes)
+        _write_points_json(root, planned, passes, grid.invalid_points)
         previously_failed = log.failed_ids()
         for number, group in enumerate(passes, 1):
             todo: list[PlannedPoint] = []
@@ -206,6 +208,17 @@ def run_grid(grid: Grid, root: Path, merge_options: MergeOptions, opener: Source
     finally:
         sources.close()
     return run
+
+
+def _record_invalid(grid: Grid, options: GridOptions, log: ResultLog) -> list[dict[str, Any]]:
+    """A failed row per point that failed validation (no folder is made for it). Slice 0 of a
+    sharded grid records them; --skip-failed leaves one whose last row is failed alone."""
+    if options.shard is not None and options.shard[0] != 0:
+        return []
+    previously_failed = log.failed_ids()
+    return [log.record(_row(ip, "failed", error=ip.message))
+            for ip in grid.invalid_points
+            if not (options.skip_failed and ip.id in previously_failed)]
 
 
 def _unique(planned: list[PlannedPoint], warnings: list[str]) -> list[PlannedPoint]:
@@ -254,18 +267,23 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split("\n"))
 
 
-def _row(p: PlannedPoint, status: str, *, error: str | None = None, pass_no: int | None = None,
-         wall_s: float | None = None, pass_wall_s: float | None = None,
-         peak_rss_mb: float | None = None, started_at: str | None = None,
-         last: dict[str, Any] | None = None) -> dict[str, Any]:
-    recipe = p.point.recipe
+def _row(p: PlannedPoint | InvalidPoint, status: str, *, error: str | None = None,
+         pass_no: int | None = None, wall_s: float | None = None,
+         pass_wall_s: float | None = None, peak_rss_mb: float | None = None,
+         started_at: str | None = None, last: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One results.jsonl line for a point (an invalid point has no inputs to name)."""
+    if isinstance(p, InvalidPoint):
+        label, values, inputs = p.label, p.values, {}
+    else:
+        label, values = p.point.label, p.point.values
+        inputs = {inp.ref.display: (inp.ref.sha or inp.ref.revision or "local")
+                  for inp in p.point.recipe.inputs}
     row = {
-        "id": p.id, "label": p.point.label, "values": p.point.values, "status": status,
+        "id": p.id, "label": label, "values": values, "status": status,
         "wall_s": wall_s, "peak_rss_mb": peak_rss_mb, "peak_gpu_mb": None, "pass": pass_no,
         "pass_wall_s": pass_wall_s, "metric": None, "eval": None, "eval_error": None,
         "error": error,
-        "inputs": {inp.ref.display: (inp.ref.sha or inp.ref.revision or "local")
-                   for inp in recipe.inputs},
+        "inputs": inputs,
         "started_at": started_at or _now(), "finished_at": _now(),
         "tool_version": __version__, "shard": None, "host": socket.gethostname(),
     }
@@ -286,10 +304,14 @@ def _remove_partial(root: Path, pid: str) -> None:
 
 
 def _write_points_json(root: Path, planned: list[PlannedPoint],
-                       passes: list[list[PlannedPoint]]) -> None:
+                       passes: list[list[PlannedPoint]], invalid: list[InvalidPoint]) -> None:
+    """points.json: id -> label, values and pass of every point (an invalid one: no pass, and
+    its validation error)."""
     pass_of = {p.id: k for k, group in enumerate(passes, 1) for p in group}
     doc = {p.id: {"label": p.point.label, "values": p.point.values, "pass": pass_of.get(p.id)}
            for p in planned}
+    for ip in invalid:
+        doc[ip.id] = {"label": ip.label, "values": ip.values, "pass": None, "error": ip.message}
     atomic_write(root / "points.json", json.dumps(doc, indent=2, default=str) + "\n")
 
 

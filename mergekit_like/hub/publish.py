@@ -18,6 +18,9 @@ from mergekit_like.verify import verify_output
 STALE_WEIGHTS = ["model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
 """Weight files of an earlier publish; the ones this commit uploads are exempt."""
 
+SCAN_CHUNK = 8 << 20
+"""Bytes read at a time when scanning the files about to be uploaded for the token."""
+
 _ABS_PATH = re.compile(r"(?m)^\s*-?\s*(?:model|base_model|path|tokenizer_source)\s*:\s*['\"]?(/|~|[A-Za-z]:\\)")
 
 
@@ -46,6 +49,10 @@ def publish(out: Path, repo_id: str, settings: HubSettings, *, private: bool = F
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
                    if p.is_file() and not any(part.startswith(".") for part in
                                                p.relative_to(out).parts))
+    for rel in files:  # the last line of defence: never upload the credential itself
+        if _holds(out / rel, settings.token.encode()):
+            raise MergeError(f"{out / rel} contains the Hub token in use; nothing was uploaded "
+                             "(remove the file, or the token from it, and publish again)")
     warnings = []
     recipe = out / "mergekit_config.yml"
     if recipe.is_file() and _ABS_PATH.search(recipe.read_text(encoding="utf-8", errors="replace")):
@@ -59,3 +66,19 @@ def publish(out: Path, repo_id: str, settings: HubSettings, *, private: bool = F
             allow_patterns=files, delete_patterns=STALE_WEIGHTS)
     url = (info.pr_url if create_pr and info.pr_url else info.commit_url) or ""
     return Published(url=url, commit=info.oid or "", files=files, warnings=warnings)
+
+
+def _holds(path: Path, needle: bytes, chunk: int = SCAN_CHUNK) -> bool:
+    """Whether ``needle`` occurs in the file, read in chunks that overlap by len(needle) - 1
+    bytes so a match across a chunk boundary is found."""
+    if not needle:
+        return False
+    keep = len(needle) - 1
+    tail = b""
+    with open(path, "rb") as fh:
+        while block := fh.read(max(chunk, len(needle))):
+            window = tail + block
+            if needle in window:
+                return True
+            tail = window[-keep:] if keep else b""
+    return False

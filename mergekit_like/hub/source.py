@@ -27,6 +27,7 @@ from huggingface_hub.constants import SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE
 from mergekit_like.errors import MergeError
 from mergekit_like.hub.errors import NO_SAFETENSORS, hub_call
 from mergekit_like.hub.settings import HubSettings
+from mergekit_like.io.containment import contained_file
 from mergekit_like.io.local import (NEVER_LISTED, is_weight_file, parse_config, pread_bytes,
                                     read_weight_map, safe_relpath)
 from mergekit_like.io.safetensors_header import parse_header
@@ -56,7 +57,7 @@ class HubSource(CheckpointSource):
         self._order: list[str] = []                  # shards in the order the plan reads them
         self._left: dict[str, set[str]] = {}         # low_disk: planned tensors not yet released
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-prefetch")
-        self._config = (parse_config(self._download("config.json"), ref)
+        self._config = (parse_config(self._side_file("config.json"), ref)
                         if "config.json" in self.siblings else None)
         self.files, weight_map = self._layout()
         self._tensors = self._read_headers(weight_map)
@@ -185,7 +186,18 @@ class HubSource(CheckpointSource):
     def fetch_file(self, name: str) -> Path:
         if name not in self.list_files():
             raise MergeError(f"{self._at()} has no file '{name}'")
-        return self._download(name)
+        return self._side_file(name)
+
+    def _side_file(self, name: str) -> Path:
+        """Download ``name`` (shared cache) and return its real path, which must be a regular
+        file inside this repo's cache folder: a cache entry linked elsewhere is refused."""
+        from huggingface_hub.file_download import repo_folder_name
+
+        path = self._download(name)
+        repo_cache = Path(self.settings.cache_dir) / repo_folder_name(repo_id=self.repo,
+                                                                      repo_type="model")
+        return contained_file(path, Path(os.path.realpath(repo_cache)),
+                              "the model's Hub cache folder", self._at(), name)
 
     def plan_reads(self, names: Iterable[str]) -> None:
         order: list[str] = []
@@ -235,6 +247,9 @@ class HubSource(CheckpointSource):
 
     def identity(self) -> dict[str, Any]:
         return {"kind": "hub", "repo": self.repo, "sha": self.sha}
+
+    def local_root(self) -> Path | None:
+        return Path(self._cache) / f"models--{self.repo.replace('/', '--')}"
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

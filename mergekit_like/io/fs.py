@@ -1,5 +1,6 @@
 """Small filesystem helpers of the output folder (io/output.py): directory fsync, removal,
-tree size, whether a lock's pid is alive, and a shard's header hash (for resume)."""
+tree size, whether a lock's pid is alive, a shard's header hash (for resume), the names of an
+output's hidden siblings, and the check that an output stays apart from every input."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def replace_dir(partial: Path, out: Path) -> None:
     first and removed only once the new one is in place."""
     old = None
     if os.path.lexists(out):
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = sibling_path(out, f"old-{os.getpid()}")
         _remove(old)
         os.rename(out, old)
     os.rename(partial, out)
@@ -94,3 +95,57 @@ def read_header_sha256(path: Path) -> str | None:
     except OSError:
         return None
     return hashlib.sha256(prefix + header).hexdigest()
+
+
+# ---- names beside an output, and outputs apart from inputs -------------------------------------
+
+_NAME_MAX_FALLBACK = 255
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return _NAME_MAX_FALLBACK
+
+
+def sibling_path(out: Path, suffix: str) -> Path:
+    """``out.parent / ".<out.name>.<suffix>"`` (the partial folder, lock, old copy), shortened
+    when that name would pass the filesystem's name limit: the output's name is cut and a
+    12-hex hash of the whole name keeps siblings of different outputs apart."""
+    out = Path(out)
+    name = f".{out.name}.{suffix}"
+    parent = out.parent
+    limit = _name_max(parent if parent.is_dir() else Path("."))
+    if len(name.encode()) <= limit:
+        return parent / name
+    tag = hashlib.sha256(out.name.encode()).hexdigest()[:12]
+    room = max(1, limit - len(f".~{tag}.{suffix}".encode()))
+    head = out.name.encode()[:room].decode("utf-8", errors="ignore")
+    return parent / f".{head}~{tag}.{suffix}"
+
+
+def _inside(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def check_output_apart(out: Path, inputs: list[tuple[str, Path]]) -> None:
+    """Refuse (``MergeError``, exit 2) an output that is, contains or lies inside one of
+    ``inputs`` ((label, path) pairs: models, side folders, the recipe, data files), compared
+    by real path, so that no flag (``--overwrite`` included) can replace or delete an input.
+    Called before anything is written."""
+    from mergekit_like.errors import MergeError
+
+    target = os.path.realpath(out)
+    for label, path in inputs:
+        real = os.path.realpath(path)
+        if target == real:
+            how = "is"
+        elif _inside(real, target):
+            how = "contains"
+        elif _inside(target, real):
+            how = "lies inside"
+        else:
+            continue
+        raise MergeError(f"output {out} {how} the input {label} ({path}); "
+                         "choose an output folder apart from every input")

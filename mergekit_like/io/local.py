@@ -24,6 +24,7 @@ from huggingface_hub.constants import PYTORCH_WEIGHTS_NAME
 
 from mergekit_like.dtypes import TORCH_TO_ST
 from mergekit_like.errors import MergeError
+from mergekit_like.io.containment import contained_file, containment_root
 from mergekit_like.io.safetensors_header import parse_header
 from mergekit_like.io.source import CheckpointSource, TensorInfo
 
@@ -97,6 +98,7 @@ class LocalSource(CheckpointSource):
         self._side_files: list[str] | None = None
         if not self.folder.is_dir():
             raise MergeError(f"{ref}: model folder does not exist ({self.folder})")
+        self._root = containment_root(self.folder)  # side files must resolve inside it
         self._config = self._read_config()
         self.layout, self.files = self._detect_layout()
         self._tensors = self._read_headers() if self.layout in ("single", "sharded") \
@@ -107,7 +109,8 @@ class LocalSource(CheckpointSource):
         path = self.folder / "config.json"
         if not path.is_file():
             return None
-        return parse_config(path, self.ref)
+        # re-emitted into the output: a link to a file elsewhere is refused, not followed
+        return parse_config(contained_file(path, *self._root, self.ref, "config.json"), self.ref)
 
     def _detect_layout(self) -> tuple[str, list[str]]:
         f = self.folder
@@ -236,7 +239,8 @@ class LocalSource(CheckpointSource):
                 parts = rel.split("/")
                 if any(part.startswith(".") for part in parts) or parts[0] == "original":
                     continue
-                if not p.is_file() or rel in NEVER_LISTED or is_weight_file(rel):
+                # non-regular entries are listed too: fetch_file refuses them, by name
+                if p.is_dir() or rel in NEVER_LISTED or is_weight_file(rel):
                     continue
                 out.append(rel)
             self._side_files = sorted(out)
@@ -246,7 +250,7 @@ class LocalSource(CheckpointSource):
         rel = safe_relpath(name)
         if rel is None or rel not in self.list_files():
             raise MergeError(f"{self.ref}: has no file '{name}'")
-        return self.folder / rel
+        return contained_file(self.folder / rel, *self._root, self.ref, rel)
 
     def _handle(self, rel: str) -> dict[str, torch.Tensor]:
         """A loaded (memory-mapped) pickle state dict, LRU of MAX_OPEN_HANDLES."""
@@ -299,6 +303,9 @@ class LocalSource(CheckpointSource):
             return t if torch.device(device).type == "cpu" else t.to(device)
         with self._lock:
             return _own(self._handle(info.file)[name][start:stop], device)
+
+    def local_root(self) -> Path | None:
+        return self.folder
 
     def identity(self) -> dict[str, Any]:
         files: dict[str, dict[str, Any]] = {}

@@ -10,6 +10,11 @@
          .mergekit_like_state/done/<shard>.json   per-shard completion markers
       .OUT.lock                         O_CREAT|O_EXCL, holds the pid; stale if that pid is dead
 
+(Sibling names too long for the filesystem are shortened with a hash: ``fs.sibling_path``.)
+A finished OUT holds ``merge_manifest.json`` (io/manifest.py): every file's size and sha256 and
+the resume key, so running the same merge again finds it complete. An output that is, holds or
+lies inside one of the run's inputs is refused before anything is touched.
+
 The engine holds one ``OutputFolder`` for a run: ``prepare()`` (returns the shards a resumed run
 may skip), ``shard_path``/``mark_done`` for the writer, ``write_side_file`` for the rest, then
 ``finalize()``, or ``abort(keep_partial=…)`` on failure.
@@ -25,10 +30,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mergekit_like import __version__
-from mergekit_like.errors import MergeError
+from mergekit_like.errors import AlreadyComplete, MergeError
 from mergekit_like.io.fs import _fsync_dir, _remove, _tree_bytes, pid_alive, read_header_sha256  # noqa: F401
-from mergekit_like.io.fs import replace_dir
+from mergekit_like.io.fs import check_output_apart, replace_dir, sibling_path
 from mergekit_like.io.local import safe_relpath
+from mergekit_like.io.manifest import MANIFEST, Hasher, manifest_text, read_manifest
 from mergekit_like.io.shards import ShardPlan, format_bytes
 from mergekit_like.io.writer import _is_disk_full, disk_full_error
 
@@ -37,6 +43,8 @@ STATE_FILE = "state.json"
 DONE_DIR = "done"
 FREE_SPACE_MARGIN = 1.02
 _FRESH_LOCK_S = 10.0  # an unreadable lock younger than this is taken as held (being written)
+KEPT_PARTIALS: list[Path] = []
+"""Partial folders this process left for a resume (the CLI's interrupt message reads it)."""
 
 
 def _marker_name(shard: str) -> str:
@@ -60,14 +68,19 @@ def _prune(root: Path, folder: Path, kept: set[str]) -> None:
 
 class OutputFolder:
     def __init__(self, out: str | os.PathLike, *, overwrite: bool, resume: bool, resume_key: str,
-                 planned_bytes: int, plans: list[ShardPlan] | None = None):
+                 planned_bytes: int, plans: list[ShardPlan] | None = None,
+                 inputs: list[tuple[str, Path]] = (), accept_complete: bool = False):
+        """``inputs``: (label, path) of everything the run reads, which OUT must stay apart
+        from; ``accept_complete``: an OUT whose manifest holds this ``resume_key`` makes
+        ``prepare`` raise ``AlreadyComplete`` instead of "output folder exists"."""
         self.out = Path(os.path.abspath(out))
         if not self.out.name or self.out.name in (".", ".."):
             raise MergeError(f"invalid output folder: {out}")
         self.parent = self.out.parent
-        name = self.out.name
-        self.partial = self.parent / f".{name}.partial"
-        self.lock_path = self.parent / f".{name}.lock"
+        self.partial = sibling_path(self.out, "partial")
+        self.lock_path = sibling_path(self.out, "lock")
+        self.inputs = list(inputs)
+        self.accept_complete = accept_complete
         self.state_dir = self.partial / STATE_DIR
         self.done_dir = self.state_dir / DONE_DIR
         self.overwrite = overwrite
@@ -80,6 +93,7 @@ class OutputFolder:
         self._prepared = False
         self._finished = False
         self._written: set[str] = set()
+        self._entries: dict[str, dict[str, Any]] = {}  # file -> {size, sha256} for the manifest
         self._state: dict[str, Any] = {}
 
     # ---- prepare ----------------------------------------------------------------------------
@@ -87,27 +101,53 @@ class OutputFolder:
     def prepare(self) -> set[str]:
         """Check and lock; set up ``.OUT.partial/``. Returns the completed shard file names a
         resumed run keeps (empty on a fresh start)."""
+        check_output_apart(self.out, self.inputs)
         if os.path.lexists(self.out) and not self.overwrite:
+            if self.accept_complete and self._is_complete():
+                raise AlreadyComplete(self.out)
             raise MergeError(f"output folder exists: {self.out} (pass --overwrite to replace it)")
         try:
             self.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise MergeError(f"cannot create {self.parent}: {exc.strerror or exc}") from None
-        self._acquire_lock()
+        try:
+            self._acquire_lock()
+        except OSError as exc:  # read-only filesystem, no permission, name too long
+            raise MergeError(f"cannot write the output {self.out}: {exc.strerror or exc} "
+                             f"({exc.filename or self.lock_path})") from None
         try:
             mode, kept = self._inspect_partial()
             self._check_free_space(mode, kept)
             self._setup_partial(mode, kept)
+        except OSError as exc:
+            self._release_lock()
+            raise MergeError(f"cannot write the output {self.out}: {exc.strerror or exc} "
+                             f"({exc.filename or self.partial})") from None
         except BaseException:
             self._release_lock()
             raise
         self._prepared = True
         self._written = set(kept)
+        self._entries = {fn: {"size": size, "sha256": sha} for fn, (size, sha) in kept.items()}
         return set(kept)
 
-    def _inspect_partial(self) -> tuple[str, dict[str, int]]:
+    def _is_complete(self) -> bool:
+        """OUT's manifest records this run's resume key and OUT's files have their sizes."""
+        try:
+            doc = read_manifest(self.out)
+        except MergeError:
+            return False
+        if doc is None or doc.get("resume_key") != self.resume_key:
+            return False
+        for name, entry in doc["files"].items():
+            path = self.out / name
+            if not path.is_file() or path.stat().st_size != entry["size"]:
+                return False
+        return True
+
+    def _inspect_partial(self) -> tuple[str, dict[str, tuple[int, str]]]:
         """Read-only look at an existing partial folder: ('none'|'fresh'|'mismatch'|'resume',
-        {kept shard: size})."""
+        {kept shard: (size, file sha256)})."""
         if not os.path.lexists(self.partial):
             return "none", {}
         if not self.resume:
@@ -121,11 +161,12 @@ class OutputFolder:
             return "mismatch", {}
         self._state = state
         planned = {p.filename: p for p in self.plans} if self.plans is not None else None
-        kept: dict[str, int] = {}
+        kept: dict[str, tuple[int, str]] = {}
         for marker_path in sorted(self.done_dir.glob("*.json")) if self.done_dir.is_dir() else []:
             try:
                 marker = json.loads(marker_path.read_text(encoding="utf-8"))
                 fn, size, sha = marker["file"], int(marker["size"]), marker["header_sha256"]
+                file_sha = str(marker["sha256"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue
             if not isinstance(fn, str) or marker_path.name != _marker_name(fn) \
@@ -139,22 +180,23 @@ class OutputFolder:
                 continue
             if read_header_sha256(path) != sha:
                 continue
-            kept[fn] = size
+            kept[fn] = (size, file_sha)
         return "resume", kept
 
-    def _check_free_space(self, mode: str, kept: dict[str, int]) -> None:
-        still_needed = max(0, self.planned_bytes - sum(kept.values()))
+    def _check_free_space(self, mode: str, kept: dict[str, tuple[int, str]]) -> None:
+        kept_bytes = sum(size for size, _ in kept.values())
+        still_needed = max(0, self.planned_bytes - kept_bytes)
         required = int(still_needed * FREE_SPACE_MARGIN)
         free = shutil.disk_usage(self.parent).free
         if mode != "none":  # files of the old partial that will be deleted
-            free += max(0, _tree_bytes(self.partial) - sum(kept.values()))
+            free += max(0, _tree_bytes(self.partial) - kept_bytes)
         if free < required:
             raise MergeError(
                 f"not enough free space in {self.parent}: the output needs "
                 f"{format_bytes(required)} ({required} bytes, planned output + 2%), only "
                 f"{format_bytes(free)} ({free} bytes) available")
 
-    def _setup_partial(self, mode: str, kept: dict[str, int]) -> None:
+    def _setup_partial(self, mode: str, kept: dict[str, tuple[int, str]]) -> None:
         if mode == "mismatch":
             self.warnings.append(f"{self.partial}: partial output from a different "
                                  "recipe/input; starting over")
@@ -274,6 +316,7 @@ class OutputFolder:
         self._atomic_write(self.done_dir / _marker_name(name),
                            json.dumps(marker, sort_keys=True).encode("utf-8"), name)
         self._written.add(name)
+        self._entries[name] = {"size": int(marker["size"]), "sha256": marker["sha256"]}
 
     def write_side_file(self, name: str, data: bytes | str) -> Path:
         """Write ``name`` (a relative path) into the partial folder via a temp file."""
@@ -281,11 +324,16 @@ class OutputFolder:
         rel = PurePosixPath(name)
         if rel.is_absolute() or not rel.parts or ".." in rel.parts or rel.parts[0] == STATE_DIR:
             raise ValueError(f"invalid side file name: {name!r}")
+        if str(rel) == MANIFEST:
+            raise ValueError(f"{MANIFEST} is written by finalize()")
         path = self.partial.joinpath(*rel.parts)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._atomic_write(path, data.encode("utf-8") if isinstance(data, str) else bytes(data),
-                           name)
+        blob = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        self._atomic_write(path, blob, name)
         self._written.add(str(rel))
+        hasher = Hasher()
+        hasher.update(blob)
+        self._entries[str(rel)] = hasher.entry()
         return path
 
     @property
@@ -313,9 +361,13 @@ class OutputFolder:
     # ---- finish -----------------------------------------------------------------------------
 
     def finalize(self) -> Path:
-        """Publish the partial folder as OUT (atomic rename) and release the lock."""
+        """Write the manifest, publish the partial folder as OUT (atomic rename) and release
+        the lock."""
         self._require_prepared()
         _remove(self.state_dir)
+        self._atomic_write(self.partial / MANIFEST,
+                           manifest_text(self._entries, self.resume_key, __version__).encode(),
+                           MANIFEST)
         _fsync_dir(self.partial)
         if os.path.lexists(self.out) and not self.overwrite:
             raise MergeError(f"output folder exists: {self.out} "
@@ -326,12 +378,22 @@ class OutputFolder:
         return self.out
 
     def abort(self, keep_partial: bool) -> None:
-        """Give up: release the lock; delete the partial folder unless ``keep_partial``.
-        Idempotent; never touches OUT or a partial folder this object did not prepare."""
-        if self._prepared and not self._finished and not keep_partial:
-            shutil.rmtree(self.partial, ignore_errors=True)
+        """Give up: release the lock; delete the partial folder unless ``keep_partial`` and it
+        holds something a resume can use (a finished shard, a stored value). Idempotent; never
+        touches OUT or a partial folder this object did not prepare."""
+        if self._prepared and not self._finished:
+            if keep_partial and self._has_progress():
+                KEPT_PARTIALS.append(self.partial)
+            else:
+                shutil.rmtree(self.partial, ignore_errors=True)
         self._finished = self._finished or self._prepared
         self._release_lock()
+
+    def _has_progress(self) -> bool:
+        try:
+            return any(self.done_dir.iterdir()) or bool(self._state.get("values"))
+        except OSError:
+            return False
 
     def __enter__(self) -> OutputFolder:
         return self

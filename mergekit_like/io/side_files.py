@@ -13,6 +13,7 @@ import yaml
 
 from mergekit_like import __version__
 from mergekit_like.dtypes import RECIPE_DTYPES, TORCH_TO_NAME
+from mergekit_like.io.containment import UnsafeSideFile
 from mergekit_like.io.source import CheckpointSource
 
 TOKENIZER_FILES: tuple[str, ...] = (
@@ -114,6 +115,18 @@ def _auto_map_files(auto_map: Any) -> list[str]:
     return files
 
 
+def _copy(folder: Any, donor: CheckpointSource, fname: str, warnings: list[str]) -> bytes | None:
+    """Copy one file of ``donor`` into the output; its bytes, or None (and a warning naming it)
+    when the source refuses it: a link out of the model's folder, or not a regular file."""
+    try:
+        data = donor.fetch_file(fname).read_bytes()
+    except UnsafeSideFile as exc:
+        warnings.append(exc.warning)
+        return None
+    folder.write_side_file(fname, data)
+    return data
+
+
 def _copy_code(folder: Any, donor: CheckpointSource, auto_map: Any, available: set[str],
                what: str, warnings: list[str]) -> None:
     wanted = _auto_map_files(auto_map)
@@ -122,8 +135,8 @@ def _copy_code(folder: Any, donor: CheckpointSource, auto_map: Any, available: s
     copied = []
     for fname in wanted:
         if fname in available and not _never_copy(fname):
-            folder.write_side_file(fname, donor.fetch_file(fname).read_bytes())
-            copied.append(fname)
+            if _copy(folder, donor, fname, warnings) is not None:
+                copied.append(fname)
         else:
             warnings.append(f"{donor.ref}: {what} auto_map names {fname}, which the model "
                             "does not have; it was not copied")
@@ -136,18 +149,18 @@ def copy_side_files(folder: Any, tokenizer_donor: CheckpointSource | None,
                     config_donor: CheckpointSource | None) -> list[str]:
     """Copy the tokenizer files present in ``tokenizer_donor``, and the generation/processor
     configs plus ``auto_map`` code of ``config_donor``, into the output folder (§9).
-    config.json itself is written by the caller (``updated_config``). Returns warnings."""
+    config.json itself is written by the caller (``updated_config``). A file whose real path
+    is outside its model's folder (a Hub model: its repo cache), or that is not a regular file,
+    is not copied, with a warning naming it. Returns warnings."""
     warnings: list[str] = []
     if tokenizer_donor is not None:
         available = set(tokenizer_donor.list_files())
-        for fname in TOKENIZER_FILES:
-            if fname in available:
-                folder.write_side_file(fname, tokenizer_donor.fetch_file(fname).read_bytes())
-        if "tokenizer_config.json" in available:
+        copied = {fname: _copy(folder, tokenizer_donor, fname, warnings)
+                  for fname in TOKENIZER_FILES if fname in available}
+        if copied.get("tokenizer_config.json") is not None:
             try:
-                tok_cfg = json.loads(tokenizer_donor.fetch_file("tokenizer_config.json")
-                                     .read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+                tok_cfg = json.loads(copied["tokenizer_config.json"].decode("utf-8"))
+            except ValueError:  # UnicodeDecodeError included
                 tok_cfg = None
             if isinstance(tok_cfg, dict):
                 _copy_code(folder, tokenizer_donor, tok_cfg.get("auto_map"), available,
@@ -156,7 +169,7 @@ def copy_side_files(folder: Any, tokenizer_donor: CheckpointSource | None,
         available = set(config_donor.list_files())
         for fname in CONFIG_DONOR_FILES:
             if fname in available:
-                folder.write_side_file(fname, config_donor.fetch_file(fname).read_bytes())
+                _copy(folder, config_donor, fname, warnings)
         config = config_donor.config()
         if isinstance(config, dict):
             _copy_code(folder, config_donor, config.get("auto_map"), available, "config",

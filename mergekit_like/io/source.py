@@ -72,6 +72,11 @@ class CheckpointSource(ABC):
     def identity(self) -> dict[str, Any]:
         """What pins this model's bytes for the resume key (local: sizes + header hashes)."""
 
+    def local_root(self) -> Path | None:
+        """The local folder this model's files live in (a Hub model: its cache folder), which a
+        run's output must stay apart from; None when there is none."""
+        return None
+
     def weight_bytes(self) -> int:
         """Bytes of tensor data the model holds."""
         return sum(t.nbytes for t in self.tensors().values())

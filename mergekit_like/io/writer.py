@@ -1,8 +1,8 @@
 """Streaming shard writer (safetensors_io.md §4).
 
 ``ShardWriter`` writes one pre-planned shard: the header first, then each tensor's bytes in the
-plan's write order, then ``finish()`` flushes, fsyncs, checks the size, re-opens the file with
-``safe_open`` and returns the completion marker.
+plan's write order (hashed on the way, for the manifest), then ``finish()`` flushes, fsyncs,
+checks the size, re-opens the file with ``safe_open`` and returns the completion marker.
 
 ``AsyncShardWriter`` runs the shard writers in one background thread behind a small bounded
 queue, so writing overlaps compute while at most a couple of tensors wait in memory. Errors in
@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 
 from mergekit_like.errors import MergeError
+from mergekit_like.io.manifest import Hasher
 from mergekit_like.io.shards import METADATA, PlannedTensor, ShardPlan
 
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -70,6 +71,7 @@ class ShardWriter:
         self.plan = plan
         self._next = 0
         self._f = None
+        self._hasher = Hasher()  # the whole file's sha256, for the manifest (io/manifest.py)
         try:
             self._f = open(self.path, "wb")
             self._raw_write(plan.header_bytes)
@@ -81,6 +83,7 @@ class ShardWriter:
 
     def _raw_write(self, data: Any) -> None:
         self._f.write(data)
+        self._hasher.update(data)
 
     @property
     def expected_name(self) -> str | None:
@@ -141,7 +144,8 @@ class ShardWriter:
             header_sha = hashlib.sha256(f.read(len(plan.header_bytes))).hexdigest()
         if header_sha != plan.header_sha256:
             raise MergeError(f"{plan.filename}: re-read header differs from the plan")
-        return {"file": plan.filename, "size": size, "header_sha256": header_sha}
+        return {"file": plan.filename, "size": size, "header_sha256": header_sha,
+                "sha256": self._hasher.entry()["sha256"]}
 
     def close(self) -> None:
         """Close the file without finishing (abort); idempotent."""

@@ -21,7 +21,7 @@ from huggingface_hub import save_torch_state_dict
 
 from mergekit_like import __version__
 from mergekit_like.errors import MergeError
-from mergekit_like.io.fs import _fsync_dir, _remove, replace_dir
+from mergekit_like.io.fs import _fsync_dir, _remove, replace_dir, sibling_path
 
 INFO_FILE = "importance.json"
 KINDS = ("rcp_fisher", "rcp_votes", "rcp_raw_sensitivity", "rcp_critical_lambda")
@@ -47,7 +47,7 @@ def write_importance(out: Path, tensors: dict[str, torch.Tensor], metadata: dict
     out = Path(out)
     refuse_existing(out, overwrite)
     meta = {str(k): str(v) for k, v in {**metadata, "tool_version": __version__}.items()}
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    partial = sibling_path(out, f"partial-{os.getpid()}")
     _remove(partial)
     partial.mkdir(parents=True)
     try:

@@ -25,6 +25,7 @@ import torch
 from mergekit_like.errors import MergeError
 from mergekit_like.io.local import LocalSource
 from mergekit_like.rcp import votes as V
+from mergekit_like.io.fs import check_output_apart
 from mergekit_like.rcp.folder import (file_sha256, read_info, refuse_existing, votes_folder,
                                       write_importance)
 
@@ -144,6 +145,7 @@ def fisher_pass(model: Path, data: Path, out: Path, *, kind: str = "grad_x_weigh
     """F of ``model`` on the texts of ``data`` (rcp.md §1) into the importance folder ``out``."""
     if kind not in V.FISHER_KINDS:
         raise MergeError(f"--kind {kind!r}: use one of {', '.join(V.FISHER_KINDS)}")
+    check_output_apart(Path(out), [("--model", Path(model)), ("--data", Path(data))])
     refuse_existing(Path(out), settings.overwrite)
     loaded, examples = _load(model, settings, data)
     params = _parameters(loaded, model)
@@ -178,6 +180,9 @@ def votes_pass(model: Path, reasoning: Path, fisher: Path, data: Path, out: Path
     for lam in lambdas:
         if not lam >= 0:
             raise MergeError(f"--penalty-lambda {lam}: must be ≥ 0 (inf allowed)")
+        check_output_apart(votes_folder(out, lam), [
+            ("--model", Path(model)), ("--reasoning", Path(reasoning)),
+            ("--fisher", Path(fisher)), ("--data", Path(data))])
         refuse_existing(votes_folder(out, lam), settings.overwrite)
     fisher_info = read_info(Path(fisher), f"--fisher {fisher}")
     if fisher_info["kind"] != "rcp_fisher":

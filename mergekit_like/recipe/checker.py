@@ -8,11 +8,14 @@ from typing import Any
 
 from mergekit_like.methods.base import MethodSpec, ParamSpec
 from mergekit_like.recipe.params import (Conditional, Gradient, Setting, SettingFormError, Steps,
-                                         is_number, map_leaves, parse_setting)
+                                         integral_string, is_number, is_number_like, map_leaves,
+                                         numeric_lists, numeric_string, parse_setting)
 from mergekit_like.recipe.schema import suggest
 from mergekit_like.recipe.yaml_lines import Locator
 
 FLOAT_KINDS = ("float", "density", "penalty")
+NUMERIC_KINDS = FLOAT_KINDS + ("rank", "int")
+"""Kinds whose values may be written as numeric strings (``1e6``: a string to YAML 1.1)."""
 
 
 def show(v: Any) -> str:
@@ -29,6 +32,12 @@ def show(v: Any) -> str:
     return repr(v)
 
 
+def _spelled(v: Any, parse) -> Any:
+    """``v``, or the number a string ``v`` spells (``parse``: None when it spells none)."""
+    n = parse(v) if isinstance(v, str) else None
+    return v if n is None else n
+
+
 class Checker:
     """Parses settings and checks the kind and range of every literal leaf."""
 
@@ -41,6 +50,8 @@ class Checker:
             s = parse_setting(raw, structured=(p.kind == "structured"))
         except SettingFormError as exc:
             raise self.loc.error(path + exc.subpath, exc.message) from None
+        if p.kind in NUMERIC_KINDS:
+            s = numeric_lists(s)
         if p.kind in ("bool", "float", "density", "rank", "int", "penalty"):
             self._no_steps(p, s, path)
         if p.kind == "rank":
@@ -64,7 +75,8 @@ class Checker:
                 raise self.loc.error(path + sub, f"'{p.name}' must be true or false; gradients "
                                                  "are not allowed for bools")
             if isinstance(form, Steps):  # a list with a non-number in a numeric parameter
-                i, bad = next((i, v) for i, v in enumerate(form.values) if not is_number(v))
+                i, bad = next((i, v) for i, v in enumerate(form.values)
+                              if not is_number_like(v))
                 self.leaf(p, bad, path + sub + (i,))
 
     def leaf(self, p: ParamSpec, v: Any, path: tuple) -> Any:
@@ -72,16 +84,8 @@ class Checker:
         if v is None and p.default is None:
             return None
         if kind in FLOAT_KINDS:
+            v = _spelled(v, numeric_string)
             if not is_number(v):
-                if isinstance(v, str):
-                    try:
-                        float(v)
-                    except ValueError:
-                        pass
-                    else:
-                        raise self.loc.error(path, f"expected a number, got the string {v!r} "
-                                                   "(YAML reads forms like 1e6 as strings; "
-                                                   "write 1.0e6)")
                 raise self.loc.error(path, f"expected a number, got {show(v)}")
             f = float(v)
             if kind == "penalty":
@@ -100,6 +104,7 @@ class Checker:
         if kind == "rank":
             return self._rank(p, v, path)
         if kind == "int":
+            v = _spelled(v, integral_string)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise self.loc.error(path, f"'{p.name}' must be an integer ≥ 1, got {show(v)}")
             return v
@@ -124,6 +129,7 @@ class Checker:
         """A fraction of full rank in (0, 1], an absolute rank (int ≥ 1), or "full" (1.0)."""
         if v == "full":
             return 1.0
+        v = _spelled(v, numeric_string)
         if isinstance(v, bool) or not is_number(v):
             raise self.loc.error(path, f"'{p.name}' must be a fraction in (0, 1], an integer "
                                        f"rank ≥ 1 or \"full\"; got {show(v)}")

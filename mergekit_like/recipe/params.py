@@ -97,6 +97,48 @@ def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+_FLOAT_RE = re.compile(r"[+-]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|inf|infinity|nan)",
+                       re.IGNORECASE)
+_INT_RE = re.compile(r"[+-]?\d+")
+_WHOLE_RE = re.compile(r"[+-]?\d+(?:\.0*)?")
+
+
+def numeric_string(x: Any) -> int | float | None:
+    """The number a string spells, as pydantic's float does for mergekit: ``"1e6"``,
+    ``"-2.5E-3"``, ``".5"``, ``"+3"``, ``"inf"`` (YAML 1.1 reads ``1e6`` and ``5e-1`` as
+    strings; only ``1.0e+6`` is a float to it). Digits only give an int. None for anything else,
+    non-strings included."""
+    if not isinstance(x, str):
+        return None
+    t = x.strip()
+    if _INT_RE.fullmatch(t):
+        return int(t)
+    return float(t) if _FLOAT_RE.fullmatch(t) else None
+
+
+def integral_string(x: Any) -> int | None:
+    """The int a string spells (``"8"``, ``"+3"``, ``"8.0"``, as pydantic's int takes them)."""
+    if not isinstance(x, str) or not _WHOLE_RE.fullmatch(x.strip()):
+        return None
+    return int(x.strip().split(".")[0])
+
+
+def is_number_like(x: Any) -> bool:
+    """A number, or a string that spells one (``numeric_string``)."""
+    return is_number(x) or numeric_string(x) is not None
+
+
+def numeric_lists(setting: "Setting") -> "Setting":
+    """For a numeric parameter: step lists whose every item is a number or spells one become
+    gradients of numbers (``[1e-3, 5e-1]`` is a gradient, not two steps)."""
+    if isinstance(setting, Steps) and all(is_number_like(v) for v in setting.values):
+        return Gradient(tuple(v if is_number(v) else numeric_string(v) for v in setting.values))
+    if isinstance(setting, Conditional):
+        return Conditional(tuple(CondEntry(e.filter, numeric_lists(e.value))
+                                 for e in setting.entries), single=setting.single)
+    return setting
+
+
 def _is_cond_map(x: Any) -> bool:
     return isinstance(x, dict) and "value" in x and set(x) <= {"filter", "value"}
 

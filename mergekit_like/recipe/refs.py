@@ -1,11 +1,14 @@
 """Model references (recipe.md §2).
 
 String form ``X`` or ``X@rev``:
-1. ``X`` (the whole string, ``@`` included) naming an existing local directory is used as is;
-2. otherwise it is split at the ``@`` (more than one is an error); the left part must be a valid
+1. ``X`` (the whole string, ``@`` included, ``~`` expanded) naming an existing local directory
+   is used as is;
+2. ``X`` written as a local path (``./ ../ / ~`` first, or a first path component that exists
+   here) but naming no folder is an error ("no model folder at X"), never a Hub id;
+3. otherwise it is split at the ``@`` (more than one is an error); the left part must be a valid
    Hub repo id (``namespace/name`` or a legacy single-segment id), the right part a branch, tag or
    commit;
-3. a local folder may not carry a revision.
+4. a local folder may not carry a revision.
 
 Dict form ``{model: {path: X, revision: R}}`` (mergekit's ``ModelReference``); ``model`` may also
 be a plain string in the string form. ``override_architecture`` is ignored with a warning; LoRA
@@ -68,9 +71,39 @@ class ModelRef:
 
 def _is_dir(p: str) -> bool:
     try:
-        return os.path.isdir(p)
+        return os.path.isdir(os.path.expanduser(p))
     except (OSError, ValueError):
         return False
+
+
+def _first_component(s: str) -> str:
+    return s.split("/", 1)[0]
+
+
+def looks_local(s: str) -> bool:
+    """``s`` is written as a local path: it starts with ``./``, ``../``, ``/`` or ``~`` (or is
+    ``.``/``..``), or its first path component exists here (``demo_models/ft4`` next to a
+    ``demo_models`` folder). Such a reference is never taken for a Hub repo id."""
+    if s in (".", "..") or s.startswith(("./", "../", "/", "~")):
+        return True
+    first = _first_component(s)
+    try:
+        return bool(first) and os.path.lexists(first)
+    except (OSError, ValueError):
+        return False
+
+
+def missing_folder(s: str) -> str:
+    """The message for a local-looking reference that names no folder."""
+    full = os.path.abspath(os.path.expanduser(s))
+    shown = f"{s} ({full})" if full != s else s
+    if os.path.lexists(full):
+        return f"{shown} is not a folder; a model reference names a model folder or a Hub repo"
+    msg = f"no model folder at {shown}"
+    first = _first_component(s)
+    if not s.startswith(("./", "../", "/", "~")) and s not in (".", ".."):
+        msg += f" ('{first}' exists here, so this is a local path, not a Hub repo id)"
+    return msg
 
 
 def parse_ref_string(s: str, loc: Locator, path: tuple) -> ModelRef:
@@ -78,17 +111,19 @@ def parse_ref_string(s: str, loc: Locator, path: tuple) -> ModelRef:
     if not s or not s.strip():
         raise loc.error(path, "empty model reference")
     if _is_dir(s):
-        return ModelRef(path=s, revision=None, is_local=True, display=s)
+        return ModelRef(path=os.path.expanduser(s), revision=None, is_local=True, display=s)
     if "+" in s:
         raise loc.error(path, f"LoRA references ('{s}', model+adapter) are not supported yet; "
                               "merge the adapter into its model first")
+    name, _, rev = s.partition("@")
+    if "@" in s and _is_dir(name):
+        raise loc.error(path, f"'{s}': local folder '{name}' cannot take a revision "
+                              f"('@{rev}'); revisions are for Hub repos")
+    if looks_local(s):
+        raise loc.error(path, missing_folder(s))
     if s.count("@") > 1:
         raise loc.error(path, f"'{s}' has more than one '@'; write repo@revision")
-    name, _, rev = s.partition("@")
     if "@" in s:
-        if _is_dir(name):
-            raise loc.error(path, f"'{s}': local folder '{name}' cannot take a revision "
-                                  f"('@{rev}'); revisions are for Hub repos")
         if not rev:
             raise loc.error(path, f"'{s}' has an empty revision after '@'")
         if not is_valid_revision(rev):
@@ -140,7 +175,9 @@ def parse_ref(value: Any, loc: Locator, path: tuple, warnings: list[str]) -> Mod
         if rev:
             raise loc.error(ipath + ("revision",), f"local folder '{p}' cannot take a revision "
                                                    f"('{rev}'); revisions are for Hub repos")
-        return ModelRef(path=p, revision=None, is_local=True, display=display)
+        return ModelRef(path=os.path.expanduser(p), revision=None, is_local=True, display=display)
+    if looks_local(p):
+        raise loc.error(ipath + ("path",), missing_folder(p))
     if rev is not None and not is_valid_revision(rev):
         raise loc.error(ipath + ("revision",), f"'{rev}' is not a valid branch, tag or commit")
     if not is_valid_repo_id(p):

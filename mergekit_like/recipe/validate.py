@@ -9,6 +9,8 @@ ranges on every literal leaf, required parameters present at some level.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -275,21 +277,47 @@ def load_recipe_text(text: str, display: str = "recipe.yml", *, path: str | Path
                         seed=seed, methods=methods)
 
 
+MAX_TEXT_BYTES = 1 << 20
+"""Largest recipe or grid file read (1 MiB); real ones are a few KiB."""
+
+
+def _read_bounded(path: str | Path, kind: str) -> bytes:
+    """At most ``MAX_TEXT_BYTES + 1`` bytes of a regular file. Opened non-blocking and checked
+    on the open descriptor, so a FIFO cannot hang the open and a device is never read."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(st.st_mode):
+            raise MergeError(f"{path}: not a regular file (a device, pipe or socket); a {kind} "
+                             "file must be a plain file")
+        if st.st_size > MAX_TEXT_BYTES:
+            raise MergeError(f"{path}: too large for a {kind} file ({st.st_size} bytes; the "
+                             "limit is 1 MiB)")
+        data = fh.read(MAX_TEXT_BYTES + 1)  # bounded even where st_size says 0 (/proc)
+    if len(data) > MAX_TEXT_BYTES:
+        raise MergeError(f"{path}: too large for a {kind} file (more than 1 MiB)")
+    return data
+
+
 def read_text_file(path: str | Path, kind: str) -> str:
-    """A UTF-8 file's text (newlines kept); a missing, unreadable or non-UTF-8 file is a
-    one-line MergeError naming it and what it should be (``kind``: "recipe", "grid")."""
+    """A UTF-8 file's text (newlines kept); a missing, unreadable, non-regular (device, FIFO),
+    oversized (over ``MAX_TEXT_BYTES``) or non-UTF-8 file is a one-line MergeError naming it and
+    what it should be (``kind``: "recipe", "grid")."""
     display = str(path)
     try:
-        with open(path, encoding="utf-8", newline="") as fh:
-            return fh.read()
+        data = _read_bounded(path, kind)
     except FileNotFoundError:
         raise MergeError(f"{display}: {kind} file not found") from None
     except IsADirectoryError:
         raise MergeError(f"{display}: is a folder, not a {kind} file") from None
-    except UnicodeDecodeError as exc:
-        raise MergeError(f"{display}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise MergeError(f"{display}: cannot read the {kind} file ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MergeError(f"{display}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def load_recipe(path: str | Path, *, seed: int | None = None,

@@ -65,6 +65,47 @@ class Locator:
         return MergeError(f"{self.at(path, label)}: {message}")
 
 
+MAX_NODES = 100_000
+"""Most YAML nodes a document may hold once aliases are expanded (real recipes: a few thousand).
+Bounds the work an alias bomb (``&a [*b, *b, ...]`` nested) can cause."""
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    if isinstance(node, yaml.MappingNode):
+        return [child for pair in node.value for child in pair]
+    return []
+
+
+def check_expansion(root: yaml.Node, display: str, limit: int = MAX_NODES) -> int:
+    """The node count of ``root`` with every alias expanded, computed once per distinct node
+    (so in time linear in the text); raises MergeError past ``limit`` or on a recursive alias."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise MergeError(f"{display}:{node.start_mark.line + 1}: recursive YAML alias (an "
+                             "anchor used inside itself)")
+        active.add(key)
+        n = 1
+        for child in _children(node):
+            n += size(child)
+            if n > limit:
+                raise MergeError(f"{display}:{node.start_mark.line + 1}: the YAML expands to more "
+                                 f"than {limit} values once aliases are expanded (a recipe has "
+                                 "a few thousand at most; an alias bomb?)")
+        active.discard(key)
+        sizes[key] = n
+        return n
+
+    return size(root)
+
+
 def _build(loader: yaml.SafeLoader, node: yaml.Node, path: Path_, lines: dict, display: str,
            depth: int = 0) -> Any:
     if depth > 100:
@@ -110,7 +151,10 @@ def load_yaml(text: str, display: str) -> tuple[Any, dict[Path_, int]]:
         if node is None:
             return None, lines
         lines[()] = node.start_mark.line + 1
+        check_expansion(node, display)
         data = _build(loader, node, (), lines, display)
+    except RecursionError:
+        raise MergeError(f"{display}: YAML nesting is too deep") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{display}:{mark.line + 1}" if mark is not None else f"{display}:"

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from mergekit_like.errors import MergeError
+from mergekit_like.runtime.cache import cache_keyword, output_cache
 from mergekit_like.runtime.data import Example, check_token_ids, length_sorted_batches, pad_batch
 from mergekit_like.runtime.metrics import (IGNORE, next_token_entropy, next_token_labels,
                                            perplexity, token_nll)
@@ -119,14 +120,16 @@ def greedy_continuations(model: nn.Module, prompts: Sequence[list[int]], steps: 
     ids, mask = (t.to(device) for t in pad_batch(prompts, "left"))
     positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
     keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    cache_kw = cache_keyword(model)  # "cache" or, on transformers 5.0, "past_key_values"
     cache, new_tokens = None, []
     with torch.inference_mode():
         for step in range(steps):
+            given = {cache_kw: cache} if cache is not None else {}
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                        past_key_values=cache, use_cache=True, **keep_last)
+                        use_cache=True, **given, **keep_last)
             token = out.logits[:, -1].argmax(dim=-1)
             new_tokens.append(token)
-            cache, ids = out.past_key_values, token[:, None]
+            cache, ids = output_cache(out), token[:, None]
             mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=-1)
             positions = positions[:, -1:] + 1
     if not new_tokens:

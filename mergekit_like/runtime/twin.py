@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from mergekit_like.errors import MergeError
+from mergekit_like.runtime.cache import cache_keyword, cache_length, pop_cache
 from mergekit_like.runtime.hooks import replace_modules
 from mergekit_like.runtime.model import LoadedModel, load_model
 
@@ -142,9 +143,10 @@ class TwinNorm(nn.Module):
 
 class TwinModel(nn.Module):
     """The shared causal LM with routed corrections, called like a transformers causal LM
-    (``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values``, ``use_cache``,
-    ``logits_to_keep``; returns the inner model's output). Not a ``GenerationMixin``: decode
-    with your own loop (e.g. ``runtime.evaluate.greedy_continuations``).
+    (``input_ids``, ``attention_mask``, ``position_ids``, ``cache`` (or its transformers-5.0 name
+    ``past_key_values``), ``use_cache``, ``logits_to_keep``; returns the inner model's output);
+    the cache reaches the inner model under the keyword that model takes. Not a
+    ``GenerationMixin``: decode with your own loop (e.g. ``runtime.evaluate.greedy_continuations``).
 
     Per call, w [B, T] is, in this order: ``twin_weights``/``weights`` given to forward; the
     weights fixed by ``set_weights``; on a prefill (no or empty KV cache) the router's
@@ -215,14 +217,15 @@ class TwinModel(nn.Module):
         return self.router.weights(features)
 
     def forward(self, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, past_key_values: Any = None,
-                use_cache: bool | None = None, logits_to_keep: int = 0,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                cache: Any = None, use_cache: bool | None = None, logits_to_keep: int = 0,
                 twin_weights: Weights | None = None, weights: Weights | None = None, **kwargs):
+        cache = pop_cache(kwargs, cache)
         given = twin_weights if twin_weights is not None else weights
         batch = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[0]
         if given is not None or self.fixed is not None:
             w = self.as_weights(given if given is not None else self.fixed, batch)
-        elif _is_prefill(past_key_values):
+        elif cache_length(cache) == 0:
             if input_ids is None:
                 raise MergeError("routing needs input_ids (or pass weights)")
             w = self.route(input_ids, attention_mask, position_ids)
@@ -232,18 +235,11 @@ class TwinModel(nn.Module):
             raise MergeError("a decode step needs the routing weights of its prefill call")
         self.last_weights = w
         extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+        if cache is not None:
+            extra[cache_keyword(self.model)] = cache
         with self.state.using(w.to(self.dtype)):
             return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids, past_key_values=past_key_values,
-                              use_cache=use_cache, **extra, **kwargs)
-
-
-def _is_prefill(past: Any) -> bool:
-    if past is None:
-        return True
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length()) == 0
-    return len(past) == 0
+                              position_ids=position_ids, use_cache=use_cache, **extra, **kwargs)
 
 
 def load_twin(bundle: str | Path, device: str | None = "auto",

@@ -162,7 +162,8 @@ def materialize(bundle: TwinBundle, out: Path, weights: dict[str, float], *,
     shards = plan_shards(outputs, shard_bytes)
     folder = OutputFolder(out, overwrite=overwrite, resume=False,
                           resume_key=_run_key(bundle, weights, shards),
-                          planned_bytes=sum(s.file_size for s in shards), plans=shards)
+                          planned_bytes=sum(s.file_size for s in shards), plans=shards,
+                          inputs=[("bundle", Path(bundle.root))])
     folder.prepare()
     writer = None
     try:

@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mergekit_like.errors import MergeError
+from mergekit_like.io.manifest import update_manifest
 from mergekit_like.twin.bundle import BUNDLE_DIR, ROUTER_FILE, info_path
 
 ARCHITECTURE = ("Linear(d,h) > BatchNorm1d > LeakyReLU > Dropout(0.5) > Linear(h,h) > "
@@ -179,6 +180,7 @@ def save_router(root: Path, router: TwinRouter, tasks: list[str], section: dict[
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+    update_manifest(Path(root), [f"{BUNDLE_DIR}/{ROUTER_FILE}", f"{BUNDLE_DIR}/{path.name}"])
 
 
 def load_router(path: Path, tasks: list[str], d: int) -> TwinRouter:

@@ -18,8 +18,14 @@ then a batched matmul (N > 1); low-rank experts always y = W0 x + b0 + Σ_t r_t 
 ``config.wemoe["forward"]`` forces factored/materialized. Sparse experts are densified to
 [T, out, in] on first use. At generation r comes from the prompt (prefill), is cached per sample
 and reused while the KV cache is non-empty.
+
+KV cache keyword: transformers 5.0 passes it as ``past_key_values``, later 5.x releases as ``cache``
+(the old name a deprecated alias). ``forward`` accepts either and hands the cache to the base model
+under the keyword the base model's forward declares, so ``generate()`` decodes with the prompt's
+routing on every supported release.
 """
 
+import inspect
 import math
 import shutil
 import sys
@@ -180,6 +186,21 @@ def _rank(rank, full: int) -> int:
     return max(1, math.floor(rank * full)) if isinstance(rank, float) else min(int(rank), full)
 
 
+def _cache_keyword(module: nn.Module) -> str:
+    """The keyword under which ``module``'s forward takes the KV cache: ``cache`` (transformers
+    after 5.0) or ``past_key_values`` (5.0)."""
+    params = inspect.signature(type(module).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_length(cache) -> int:
+    """Tokens held by a KV cache (0 for None or an empty one)."""
+    if cache is None:
+        return 0
+    length = getattr(cache, "get_seq_length", None)
+    return int(length()) if callable(length) else len(cache)
+
+
 def _check_mlp(mlp, model_type: str) -> None:
     names = {n for n, _ in mlp.named_children()} if isinstance(mlp, nn.Module) else set()
     linear = all(isinstance(getattr(mlp, n, None), nn.Linear) for n in LINEARS)
@@ -233,6 +254,7 @@ class WEMoEForCausalLM(PreTrainedModel, GenerationMixin):
         base_cfg._attn_implementation = config._attn_implementation
         inner = MODEL_FOR_CAUSAL_LM_MAPPING[type(base_cfg)](base_cfg)
         self.__dict__["_inner"] = inner
+        self._cache_keyword = _cache_keyword(inner)
         self._tied_weights_keys = dict(type(inner)._tied_weights_keys or {})
         config.tie_word_embeddings = bool(getattr(base_cfg, "tie_word_embeddings", False))
         self.wemoe_state = WEMoEState(w.get("forward", "auto"), w.get("materialize_budget_mb", 1024))
@@ -287,23 +309,28 @@ class WEMoEForCausalLM(PreTrainedModel, GenerationMixin):
         self._inner.training = mode
         return super().train(mode)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
                 wemoe_routing=None, **kwargs):
         """The base model's forward. attention_mask [B, past + N] (2-D, or None = every token
-        counts); a non-empty past_key_values makes this a decode step (cached r reused)."""
+        counts); a non-empty KV cache (``cache``, or ``past_key_values`` as transformers 5.0
+        names it) makes this a decode step (cached r reused)."""
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("WEMoE needs a 2-D attention mask [batch, length] (1 = real token)")
-        past = 0
-        if past_key_values is not None:
-            length = getattr(past_key_values, "get_seq_length", None)
-            past = length() if callable(length) else len(past_key_values)
+        legacy = kwargs.pop("past_key_values", None)
+        if legacy is not None:
+            if cache is not None:
+                raise ValueError("pass the KV cache once, as cache or past_key_values")
+            cache = legacy
         state = self.wemoe_state
-        state.mask, state.reuse, state.routing = attention_mask, past > 0, wemoe_routing
+        state.mask, state.routing = attention_mask, wemoe_routing
+        state.reuse = _cache_length(cache) > 0
+        if cache is not None:
+            kwargs[self._cache_keyword] = cache
         try:
             return self._inner(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids, past_key_values=past_key_values,
-                               inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                               position_ids=position_ids, inputs_embeds=inputs_embeds,
+                               labels=labels, use_cache=use_cache,
                                logits_to_keep=logits_to_keep, **kwargs)
         finally:
             state.routing = None
