@@ -80,7 +80,8 @@ def recipe(method: str, fam: Path) -> dict:
 def child_floor(fam: Path, out: Path) -> None:
     """Read every tensor of every input (project reader), write the base's tensors as one output
     (project writer): the floor any merge pays."""
-    from mergekit_like.engine import MergeOptions, read_ahead
+    from mergekit_like.engine.options import MergeOptions
+    from mergekit_like.engine.read import read_ahead
     from mergekit_like.io.local import LocalSource
     from mergekit_like.io.output import OutputFolder
     from mergekit_like.io.shards import plan_shards
@@ -163,8 +164,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         kind, arg, out = args.child
-        import mergekit_like.cli  # noqa: F401 - imports are not part of the measured work
-        import mergekit_like.engine  # noqa: F401
+        import mergekit_like.cli.app  # noqa: F401 - imports are not part of the measured work
+        import mergekit_like.engine.run  # noqa: F401
         start = time.perf_counter()
         (child_floor if kind == "floor" else child_merge)(Path(arg), Path(out))
         wall = time.perf_counter() - start

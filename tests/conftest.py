@@ -32,7 +32,7 @@ def fake_hub(monkeypatch):
     import huggingface_hub.constants as hf_constants
     from huggingface_hub.utils import close_session
 
-    from fake_hub import FakeHub
+    from support.fake_hub import FakeHub
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)

@@ -19,7 +19,7 @@ from mergekit_like.grid.results import (ResultLog, atomic_write, csv_text, lates
 from mergekit_like.grid.run import (GridOptions, SharedSources, acquire_lock, group_passes,
                                     plan_points, run_grid, select_shard)
 from mergekit_like.io.fs import check_output_apart
-from mergekit_like.plan import SourceOpener
+from mergekit_like.engine.plan import SourceOpener
 
 EXIT_POINT_FAILED = 3
 

@@ -285,10 +285,13 @@ def load_grid_text(text: str, display: str = "grid.yml", *, path: str | Path | N
     """Expand and validate a grid given as text (``display`` names it in errors).
 
     ``seed`` (the CLI's ``--seed``) overrides every point's seed; ``methods`` replaces the method
-    registry as in ``build_recipe``. With ``strict`` (the default) any invalid point raises one
+    table (default: the registry's). With ``strict`` (the default) any invalid point raises one
     MergeError listing every invalid point; otherwise invalid points go to
     ``Grid.invalid_points`` (not to ``warnings``), unless no point is valid: that raises too.
     """
+    if methods is None:
+        from mergekit_like.registry import method_table
+        methods = method_table()
     path = Path(path or display)
     data, lines = load_yaml(text, display)
     loc = Locator(display, lines)

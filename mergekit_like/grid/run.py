@@ -27,9 +27,9 @@ from mergekit_like.grid.expand import Grid, GridPoint, InvalidPoint, partition
 from mergekit_like.grid.results import ResultLog, atomic_write
 from mergekit_like.io.output import pid_alive
 from mergekit_like.io.source import CheckpointSource
-from mergekit_like.plan import MergePlan, SourceOpener, build_plan
+from mergekit_like.engine.plan import MergePlan, SourceOpener, build_plan
 from mergekit_like.recipe import InputModel
-from mergekit_like.verify import verify_output
+from mergekit_like.registry import verify as verify_output
 
 POINT_FILE = "grid_point.json"
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import HfApi
 
@@ -12,8 +14,8 @@ from mergekit_like import __version__
 from mergekit_like.errors import MergeError
 from mergekit_like.hub.errors import hub_call
 from mergekit_like.hub.settings import HubSettings
-from mergekit_like.recipe.refs import is_valid_repo_id
-from mergekit_like.verify import verify_output
+from mergekit_like.hub.ids import is_valid_repo_id
+from mergekit_like.io.verify import verify_output
 
 STALE_WEIGHTS = ["model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
 """Weight files of an earlier publish; the ones this commit uploads are exempt."""
@@ -34,14 +36,17 @@ class Published:
 
 def publish(out: Path, repo_id: str, settings: HubSettings, *, private: bool = False,
             revision: str | None = None, create_pr: bool = False,
-            message: str | None = None) -> Published:
-    """Upload OUT to ``repo_id`` in one commit after checking it is a complete merge output."""
+            message: str | None = None,
+            check: Callable[[Path], Any] | None = None) -> Published:
+    """Upload OUT to ``repo_id`` in one commit after checking it is a complete merge output
+    (``check(out)``; default: ``verify_output`` without the data reads; the CLI passes the
+    registry's, which also checks what a method adds, such as a Twin bundle's factors)."""
     out = Path(out)
     if "/" not in repo_id or not is_valid_repo_id(repo_id):
         raise MergeError(f"'{repo_id}' is not a Hub repo id of the form namespace/name")
     if not out.is_dir():
         raise MergeError(f"{out}: no such output folder")
-    verify_output(out, read_data=False)       # complete, consistent, no partial/state left
+    (check or (lambda o: verify_output(o, read_data=False)))(out)  # complete, no partial left
     if not settings.token:
         raise MergeError("publishing needs a token; set HF_TOKEN")
     if settings.offline:

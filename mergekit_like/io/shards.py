@@ -27,7 +27,6 @@ from huggingface_hub import constants as hf_constants
 
 from mergekit_like.dtypes import TORCH_TO_ST
 from mergekit_like.errors import MergeError
-from mergekit_like.methods.base import OutputSpec
 
 SINGLE_FILE: str = hf_constants.SAFETENSORS_SINGLE_FILE
 INDEX_FILE: str = hf_constants.SAFETENSORS_INDEX_FILE
@@ -47,6 +46,28 @@ _UNITS: dict[str, int] = {
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
+
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    group: str = ""
+    """Which weight files hold it: "" the model's (``model*.safetensors``), else a path stem
+    inside the output ("twin/math/exclusive" → ``twin/math/exclusive*.safetensors``)."""
+
+    @property
+    def key(self) -> str:
+        """The output's identity across groups (the key of ``Method.merge``'s result)."""
+        return output_key(self.name, self.group)
+
+
+def output_key(name: str, group: str = "") -> str:
+    """``name`` in the model's files, ``group:name`` in another group's (names may repeat
+    across groups: every task's file of a Twin bundle holds the same names)."""
+    return f"{group}:{name}" if group else name
 
 
 def parse_size(s: str | int) -> int:

@@ -23,51 +23,8 @@ from typing import Any, Iterator
 
 import torch
 
-REQUIRED: Any = object()
-"""Sentinel default of a parameter that must be set in the recipe."""
-
-# Parameter kinds understood by the recipe validator.
-#   "float":   finite float (bools rejected)           "density": float in [0, 1]
-#   "bool":    bool, no gradients                       "rescale": true | false | "l1"
-#   "choice":  one of ParamSpec.choices (str)           "structured": a map taken as is
-#   "rank":    a fraction in (0, 1], an int ≥ 1 or "full" (twin.md §1)
-#   "int":     an integer ≥ 1                           "penalty": a float ≥ 0, .inf allowed
-PARAM_KINDS = ("float", "density", "bool", "rescale", "choice", "structured", "rank", "int",
-               "penalty")
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    name: str
-    kind: str
-    default: Any = REQUIRED
-    per_model: bool = False
-    choices: tuple[str, ...] = ()
-    effective: bool = True
-    """False: accepted for mergekit compatibility, but has no effect (the validator warns once)."""
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    params: tuple[ParamSpec, ...]
-    needs_base: bool = True
-    base_joins_inputs: bool = False
-    """linear: an unlisted base_model becomes an ordinary weighted input."""
-    min_inputs: int = 1
-    """Minimum number of method inputs (non-base models; all models when base_joins_inputs)."""
-    exact_inputs: int | None = None
-    """slerp: exactly this many models, base included."""
-
-    def param(self, name: str) -> ParamSpec | None:
-        for p in self.params:
-            if p.name == name:
-                return p
-        return None
-
-    @property
-    def param_names(self) -> list[str]:
-        return [p.name for p in self.params]
+from mergekit_like.io.shards import OutputSpec, output_key  # noqa: F401 - part of the method protocol
+from mergekit_like.recipe.spec import PARAM_KINDS, REQUIRED, MethodSpec, ParamSpec  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -161,27 +118,6 @@ class TensorTask:
             out[block.rows].copy_(value.reshape(out[block.rows].shape))
 
 
-@dataclass(frozen=True)
-class OutputSpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    group: str = ""
-    """Which weight files hold it: "" the model's (``model*.safetensors``), else a path stem
-    inside the output ("twin/math/exclusive" → ``twin/math/exclusive*.safetensors``)."""
-
-    @property
-    def key(self) -> str:
-        """The output's identity across groups (the key of ``Method.merge``'s result)."""
-        return output_key(self.name, self.group)
-
-
-def output_key(name: str, group: str = "") -> str:
-    """``name`` in the model's files, ``group:name`` in another group's (names may repeat
-    across groups: every task's file of a Twin bundle holds the same names)."""
-    return f"{group}:{name}" if group else name
-
-
 class Method:
     """Adapter of one merge method to the engine. Subclasses set ``spec`` and ``merge_tensor``."""
 
@@ -241,6 +177,19 @@ class Method:
         """More files for the output (name → text), written after the standard side files
         (a name may replace one, e.g. README.md); ``reports``: tensor name → TensorTask.report."""
         return {}
+
+    output_folders: tuple[str, ...] = ()
+    """Sub-folders of an output holding this method's own weight files (Twin: ``twin``); the
+    main ``verify`` leaves them to ``check_output``."""
+
+    def check_output(self, folder: Any, *, read_data: bool = True,
+                     allow_nonfinite: bool = False) -> Any:
+        """``verify`` of what this method adds to an output folder (raise MergeError); None when
+        ``folder`` holds nothing of this method's."""
+        return None
+
+    def check_recipe(self, recipe: Any) -> None:
+        """Phase-A checks of a recipe naming this method (raise MergeError, append warnings)."""
 
     def merge(self, task: TensorTask) -> dict[str, torch.Tensor]:
         return {task.name: self.merge_tensor(task)}

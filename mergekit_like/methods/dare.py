@@ -26,10 +26,10 @@ import math
 
 import torch
 
-from mergekit_like.methods import fused_cpu
+from mergekit_like.kernels import fused_cpu
 from mergekit_like.methods.base import MethodSpec, TensorTask
 from mergekit_like.methods.task_arithmetic import TaskVectorMethod, task_vector_params
-from mergekit_like.methods.tiling import Scratch, buffer
+from mergekit_like.kernels.tiling import Scratch, buffer
 
 SCHEME = "splitmix64-v1"
 GOLDEN = 0x9E3779B97F4A7C15
@@ -188,5 +188,3 @@ class DareLinear(_Dare):
     )
     consensus = False
 
-
-METHODS = [DareTies(), DareLinear()]

@@ -15,7 +15,7 @@ import torch
 
 from mergekit_like.errors import MergeError
 from mergekit_like.methods.base import REQUIRED, Method, MethodSpec, ParamSpec, TensorTask
-from mergekit_like.methods.tiling import Scratch, pieces, present
+from mergekit_like.kernels.tiling import Scratch, pieces, present
 
 
 def linear_combination(xs: Sequence[torch.Tensor], weights: Sequence[float], *,
@@ -87,5 +87,3 @@ class Linear(Method):
             flat_out[off:off + n].copy_(res)
         return out
 
-
-METHODS = [Linear()]

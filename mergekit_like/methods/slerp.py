@@ -19,7 +19,7 @@ import torch
 
 from mergekit_like.errors import MergeError
 from mergekit_like.methods.base import REQUIRED, Method, MethodSpec, ParamSpec, TensorTask
-from mergekit_like.methods.tiling import Scratch, copy_of, exact_total, pieces, row_elems
+from mergekit_like.kernels.tiling import Scratch, copy_of, exact_total, pieces, row_elems
 
 NORM_EPS = 1e-8
 COLINEAR = 0.9995
@@ -104,5 +104,3 @@ def _rows(v: torch.Tensor, row: int) -> torch.Tensor:
     """Per-row sums of a flat float64 piece of whole rows (a new tensor)."""
     return v.clone() if row == 1 else v.view(-1, row).sum(dim=1)
 
-
-METHODS = [Slerp()]

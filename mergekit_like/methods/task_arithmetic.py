@@ -28,9 +28,10 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from mergekit_like.errors import MergeError
-from mergekit_like.methods import fused_cpu, masks
+from mergekit_like.kernels import fused_cpu
+from mergekit_like.ops import masks
 from mergekit_like.methods.base import REQUIRED, Method, MethodSpec, ParamSpec, TensorTask
-from mergekit_like.methods.tiling import (Scratch, buffer, copy_of, exact_total, pieces,
+from mergekit_like.kernels.tiling import (Scratch, buffer, copy_of, exact_total, pieces,
                                           present, row_elems, row_sums, run_parallel, spans)
 
 DELTA_MEMO_BYTES = 256 * 10**6
@@ -391,5 +392,3 @@ class TaskArithmetic(TaskVectorMethod):
     sparsifies = False
     io_bound = True
 
-
-METHODS = [TaskArithmetic()]

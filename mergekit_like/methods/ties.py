@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from mergekit_like.errors import MergeError
-from mergekit_like.methods import fused_cpu
+from mergekit_like.kernels import fused_cpu
 from mergekit_like.methods.base import MethodSpec, ParamSpec, TensorTask
 from mergekit_like.methods.task_arithmetic import (TaskVectorMethod, task_vector,
                                                    task_vector_params)
-from mergekit_like.methods.tiling import Scratch, buffer, cast, pieces, run_parallel, spans
+from mergekit_like.kernels.tiling import Scratch, buffer, cast, pieces, run_parallel, spans
 
 SAMPLE_MIN, SAMPLE_MAX = 1 << 14, 1 << 17
 SAMPLE_RUN = 64
@@ -366,5 +366,3 @@ class Ties(TaskVectorMethod):
     def make_sparsifier(self, task, pos, density, scratch):
         return MagnitudeTrim(task, pos, density, scratch)
 
-
-METHODS = [Ties()]

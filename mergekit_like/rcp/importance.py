@@ -24,7 +24,7 @@ import torch
 
 from mergekit_like.errors import MergeError
 from mergekit_like.io.local import LocalSource
-from mergekit_like.rcp import votes as V
+from mergekit_like.ops import rcp_votes as V
 from mergekit_like.io.fs import check_output_apart
 from mergekit_like.rcp.folder import (file_sha256, read_info, refuse_existing, votes_folder,
                                       write_importance)

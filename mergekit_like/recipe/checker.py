@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from mergekit_like.methods.base import MethodSpec, ParamSpec
+from mergekit_like.recipe.spec import MethodSpec, ParamSpec
 from mergekit_like.recipe.params import (Conditional, Gradient, Setting, SettingFormError, Steps,
                                          integral_string, is_number, is_number_like, map_leaves,
                                          numeric_lists, numeric_string, parse_setting)

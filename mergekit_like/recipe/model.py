@@ -6,13 +6,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from mergekit_like.dtypes import TORCH_TO_NAME
 from mergekit_like.errors import MergeError
-from mergekit_like.methods.base import REQUIRED, MethodSpec, ParamSpec
+from mergekit_like.recipe.spec import REQUIRED, MethodSpec, ParamSpec
 from mergekit_like.recipe.params import NO_VALUE, Setting, canonical, evaluate
 from mergekit_like.recipe.refs import ModelRef
 from mergekit_like.recipe.yaml_lines import Locator
@@ -55,6 +55,9 @@ class Recipe:
     warnings: list[str]
     top_params: dict[str, Setting]
     locator: Locator
+    methods: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    """The method table the recipe was validated with (a sub-recipe, twin's ``shared``, looks
+    its operator up here)."""
 
     # ------------------------------------------------------------ convenience
     @property

@@ -22,17 +22,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from mergekit_like.hub.ids import is_valid_repo_id  # noqa: F401 - part of this module's face
 from mergekit_like.recipe.yaml_lines import Locator
 
-_SEGMENT = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
-REPO_ID_RE = re.compile(rf"^(?:{_SEGMENT}/)?{_SEGMENT}$")
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
-
-
-def is_valid_repo_id(s: str) -> bool:
-    """``namespace/name`` or a legacy single-segment id such as ``gpt2`` (huggingface_hub's rules:
-    word characters, ``-`` and ``.``, no ``--`` or ``..``, at most 96 characters)."""
-    return (bool(REPO_ID_RE.match(s)) and "--" not in s and ".." not in s and len(s) <= 96)
 
 
 def is_valid_revision(rev: str) -> bool:

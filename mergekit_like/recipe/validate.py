@@ -16,33 +16,24 @@ from typing import Any, Callable, Mapping
 
 from mergekit_like.dtypes import RECIPE_DTYPES, parse_recipe_dtype
 from mergekit_like.errors import MergeError
-from mergekit_like.methods import DISPLAY_ORDER, PLANNED
-from mergekit_like.methods.base import REQUIRED, MethodSpec, ParamSpec
 from mergekit_like.recipe.checker import Checker as _Checker
 from mergekit_like.recipe.checker import show as _show
 from mergekit_like.recipe.model import InputModel, Recipe
 from mergekit_like.recipe.params import Scalar, Setting, leaves
 from mergekit_like.recipe.refs import ModelRef, parse_ref
 from mergekit_like.recipe.schema import ENTRY_KEYS, check_document, suggest, unknown_key
+from mergekit_like.recipe.spec import REQUIRED, MethodSpec, ParamSpec
 from mergekit_like.recipe.yaml_lines import Locator, load_yaml
 
 log = logging.getLogger(__name__)
 
-CANONICAL_ORDER = DISPLAY_ORDER
-
-
-def _ordered(names: list[str]) -> list[str]:
-    rank = {n: i for i, n in enumerate(CANONICAL_ORDER)}
-    return sorted(dict.fromkeys(names), key=lambda n: (rank.get(n, len(rank)), names.index(n)))
-
-
 def _lookup(methods: Mapping[str, Any] | None) -> tuple[Callable[[str], Any], list[str]]:
-    """(get, known names): the registry, or a test mapping name -> Method/MethodSpec/None."""
+    """(get, known names) of the method table the caller passes in: name -> Method, MethodSpec,
+    or None for a name that is known but not implemented yet; its order is the display order
+    (``registry.method_table()``)."""
     if methods is None:
-        from mergekit_like.methods import get_method, known_names
-        return get_method, _ordered(known_names())
-    known = list(methods) + [n for n in PLANNED if n not in methods]
-    return (lambda n: methods.get(n)), _ordered(known)
+        raise TypeError("the recipe validator needs the method table (registry.method_table())")
+    return (lambda n: methods.get(n)), list(methods)
 
 
 def _spec_of(method: Any) -> MethodSpec:
@@ -226,7 +217,7 @@ def build_recipe(data: Any, loc: Locator, *, path: Path, text: str, seed: int | 
         seed=seed if seed is not None else (doc.seed if doc.seed is not None else 0),
         vocab_policy=doc.vocab_policy, on_missing_tensor=doc.on_missing_tensor,
         on_extra_tensor=doc.on_extra_tensor, warnings=warnings, top_params=top_params,
-        locator=loc)
+        locator=loc, methods=methods)
     hook = getattr(method, "check_recipe", None)
     if callable(hook):  # a method's own phase-A checks (raise MergeError / append warnings)
         hook(recipe)

@@ -194,7 +194,7 @@ def verify_bundle(root: Path, *, read_data: bool = True, allow_nonfinite: bool =
     """``verify`` of a bundle's ``twin/`` folder: twin.json, every task's weights (as the main
     model's), their names and shapes against twin.json, and the router file when recorded.
     Returns {"tasks": [...], "factor_bytes": {task: bytes}}."""
-    from mergekit_like.verify import verify_weights
+    from mergekit_like.io.verify import verify_weights
 
     root = Path(root)
     info = read_info(root)

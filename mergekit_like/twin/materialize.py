@@ -35,7 +35,7 @@ from mergekit_like.io.side_files import copy_side_files, main_dtype_name, model_
 from mergekit_like.io.writer import AsyncShardWriter, iter_write_order
 from mergekit_like.methods.base import OutputSpec
 from mergekit_like.twin.bundle import TwinBundle
-from mergekit_like.verify import verify_output
+from mergekit_like.io.verify import verify_output
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 WEIGHTS_SYNTAX = "--weights a=0.7,b=0.3"

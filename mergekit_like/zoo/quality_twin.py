@@ -36,7 +36,7 @@ class TwinRow(RecipeMethod):
     def accuracy(self, folder: Path, examples: list, device: str,
                  batch_size: int) -> dict[str, float]:
         from mergekit_like.runtime import evaluate_accuracy, load_model
-        from mergekit_like.runtime.twin import load_twin
+        from mergekit_like.twin.runtime import load_twin
 
         if self.routed:
             scores = evaluate_accuracy(load_twin(folder, device=device), examples,

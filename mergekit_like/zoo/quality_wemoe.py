@@ -40,7 +40,7 @@ class WEMoERow(RecipeMethod):
     def accuracy(self, folder: Path, examples: list, device: str,
                  batch_size: int) -> dict[str, float]:
         from mergekit_like.runtime import evaluate_accuracy
-        from mergekit_like.runtime.wemoe import load_wemoe
+        from mergekit_like.wemoe.runtime import load_wemoe
 
         scores = evaluate_accuracy(load_wemoe(folder, device=device), examples,
                                    batch_size=batch_size)

@@ -1,0 +1,165 @@
+"""Fused CPU loops (numba) for the two hot paths of the task-vector methods.
+
+The torch functions of ``task_arithmetic.py`` and ``ties.py`` define the math; torch runs each
+of their elementwise steps as its own pass over memory, about 60 passes per parameter for TIES.
+The loops here make the same IEEE float32 operations in the same order, one chunk of a span at a
+time, straight from the stored bf16/float32 bytes, so they give the same bits
+(``tests/test_fused_cpu.py`` compares them with the torch path on tensors built to hit every
+branch):
+
+* ``scan_abs_delta``: one read pass of ``ties.kth_largest`` over a span of |δ| = |x − b|:
+  #(|δ| > hi), #(|δ| ≥ hi), #(|δ| ≥ lo) and the values (with flat indices) in [c_lo, c_hi].
+* ``merge_span``: out = b + λ·Δ of operators.md §2 over a span, for magnitude-trimmed
+  (TIES), randomly dropped (DARE) or whole δ_i, with or without the sign consensus, written in
+  the output dtype.
+
+bf16 is read as its bit pattern (uint16 << 16 is the float32 of equal value) and written with
+round-to-nearest-even, as torch casts. Only used when ``supported`` says so: CPU, float32
+compute, bf16/float32 contiguous inputs, no load rounding; and, for ``merge_span``, inputs known
+finite (torch's vectorised bf16 cast spells NaN differently from its scalar one).
+``MERGEKIT_LIKE_FUSED=0`` turns them off. numba compiles each signature once (cached on disk).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from functools import lru_cache
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+PIECE = 1 << 16
+"""Elements per counted piece of a scan (a multiple of fused_loops.CHUNK): a partial tie at the k-th value
+is then located by recomputing |δ| over one such piece only."""
+
+_RAW = {torch.bfloat16: np.uint16, torch.float32: np.float32}
+
+
+def enabled() -> bool:
+    return os.environ.get("MERGEKIT_LIKE_FUSED", "1") != "0"
+
+
+def supported(task: Any, tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> bool:
+    """True when the fused loops compute exactly what the torch path computes for ``task``."""
+    if not enabled() or task.device.type != "cpu" or task.compute_dtype != torch.float32:
+        return False
+    for t in [*tensors, *([out] if out is not None else [])]:
+        if t.dtype not in _RAW or not t.is_contiguous() or t.device.type != "cpu":
+            return False
+        if task.load_dtype not in (None, t.dtype, torch.float32):
+            return False                       # a load rounding step (recipe dtype) applies
+    return _kernels() is not None
+
+
+def raw(t: torch.Tensor) -> np.ndarray:
+    """A flat numpy view of a contiguous bf16 (as uint16 bits) or float32 tensor."""
+    flat = t.reshape(-1)
+    if flat.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    return flat.numpy()
+
+
+def warm_up() -> None:
+    """Import numba and load the compiled loops on a background thread (about 0.5–1 s from
+    the disk cache), so that a merge pays it while its first tensors are being read."""
+    if enabled():
+        threading.Thread(target=_kernels, name="fused-cpu-warm-up", daemon=True).start()
+
+
+@lru_cache(maxsize=1)
+def _kernels():
+    """The compiled loops, or None when numba cannot provide them here (then every merge takes
+    the torch path): one tiny call loads (or compiles) them, so a numba that cannot import or
+    cannot write its cache fails here, not in the middle of a merge."""
+    try:
+        from mergekit_like.kernels import fused_loops as kernels
+
+        a = np.zeros(kernels.CHUNK, np.uint16)
+        kernels.scan(a, a, np.float32(1), np.float32(0), np.float32(0), np.float32(1), True, 0,
+                     PIECE)
+    except Exception as exc:  # pragma: no cover - numba is a dependency; a broken one falls back
+        warnings.warn(f"fused CPU loops unavailable ({type(exc).__name__}: {exc}); merging with "
+                      "torch operations (slower)", RuntimeWarning, stacklevel=2)
+        return None
+    return kernels
+
+
+def scan_abs_delta(x: torch.Tensor, b: torch.Tensor, span: tuple[int, int], lo: float,
+                   hi: float, c_lo: float, c_hi: float, hi_open: bool, lo_open: bool,
+                   collect: bool) -> tuple:
+    """``ties._scan_pass`` over flat ``span`` of |x − b|, in pieces of ``PIECE`` elements."""
+    k = _kernels()
+    s, e = span
+    lo_c = c_lo if c_lo > 0.0 else 0.0         # |δ| ≥ 0 (and +0.0: -0.0's bits would not do)
+    collect = collect and c_hi >= lo_c
+    f32 = np.float32
+    counts, m, vals, idx = k.scan(raw(x)[s:e], raw(b)[s:e], f32(hi), f32(lo), f32(lo_c),
+                                  f32(c_hi), collect, s, PIECE)
+    gt, ge_hi, ge_lo, _ = (int(v) for v in counts.sum(axis=0))
+    eq_hi: list[tuple[int, int, int]] = []
+    eq_lo: list[tuple[int, int, int]] = []
+    for p, (g, gh, gl, coll) in enumerate(counts.tolist()):
+        off = s + p * PIECE
+        n = min(PIECE, e - off)
+        if hi_open:
+            eq_hi.append((off, n, gh - g))
+        if lo_open:
+            eq_lo.append((off, n, gl - coll - (gh if hi_open else g)))
+    inside = [torch.from_numpy(vals[:m])] if m else []
+    where = [torch.from_numpy(idx[:m])] if m else []
+    return gt, (ge_hi if hi_open else 0), (ge_lo if lo_open else 0), inside, where, eq_hi, eq_lo
+
+
+class Trim:
+    """One model's magnitude trim as the loops take it: keep |δ| > below at flat indices
+    ≤ cutoff and |δ| > value after it (``ties.magnitude_trim_``); value ≤ 0 keeps all."""
+
+    def __init__(self, value: float, below: float, cutoff: int | None):
+        self.value, self.below = value, below
+        self.cutoff = np.iinfo(np.int64).max if cutoff is None else cutoff
+
+
+class Drop:
+    """One model's DARE drop as the loops take it: dare.py's key, and keep_j ⇔ the top 24 bits
+    of z_j < ``threshold`` = floor(d·2^24) (0: drop all; 2^24: keep all)."""
+
+    def __init__(self, key: int, threshold: int):
+        self.key, self.threshold = key, threshold
+
+
+KEEP_ALL = 1 << 24
+
+
+def merge_span(out: torch.Tensor, keep: torch.Tensor | None, base: torch.Tensor,
+               xs: Sequence[torch.Tensor], span: tuple[int, int], trims: Sequence[Trim | None],
+               scales: Sequence[tuple[int, float]], weights: Sequence[float], *,
+               consensus: bool, normalize: bool, lam: float) -> None:
+    """out[span] = b + λ·Δ (``task_arithmetic.merge_span``'s torch steps, fused).
+
+    ``trims[i]``: model i's ``Trim`` or ``Drop`` (None: not sparsified); ``scales[i]``: (0, _) none,
+    (1, r) × r ("l1" rescale), (2, d) ÷ d (rescale by density); ``weights[i]`` = w_i.
+    ``keep`` (float32, the tensor's length) receives Δ before λ when given (grid memo)."""
+    k = _kernels()
+    s, e = span
+    f32 = np.float32
+    magnitude = [t if isinstance(t, Trim) else None for t in trims]
+    value = tuple(f32(t.value if t else 0.0) for t in magnitude)
+    below = tuple(f32(t.below if t else 0.0) for t in magnitude)
+    cutoff = tuple(np.int64(t.cutoff if t else 0) for t in magnitude)
+    keys = thresholds = None                   # None: the loop has no drop step at all
+    if any(isinstance(t, Drop) for t in trims):
+        keys = tuple(np.uint64(t.key if isinstance(t, Drop) else 0) for t in trims)
+        thresholds = tuple(np.uint64(t.threshold if isinstance(t, Drop) else KEEP_ALL)
+                           for t in trims)
+    mode = tuple(np.int64(m) for m, _ in scales)
+    scale = tuple(f32(v) for _, v in scales)
+    w = tuple(f32(c) for c in weights)
+    total = sum(float(c) for c in weights)
+    norm_div = f32(1.0 if abs(total) < 1e-8 else total)
+    keep_r = raw(keep)[s:e] if keep is not None else None
+    k.merge(raw(out)[s:e], keep_r, raw(base)[s:e], tuple(raw(x)[s:e] for x in xs), value,
+            below, cutoff, keys, thresholds, mode, scale, w, consensus, normalize, norm_div,
+            f32(lam), s)
