@@ -6,7 +6,7 @@ Writes DIR/seed-<S>/ for every seed (DIR default .zoo/, or .zoo-fast/ with --fas
 repository root; seeds default 0 1 2, or 0 with --fast): the task splits (jsonl), models/base and
 models/<task> (transformers checkpoints, float32 safetensors) and a zoo.json manifest. A complete
 zoo built with the same settings is reused, not rebuilt. CPU only, nothing is downloaded; see
-README "Merge quality".
+docs/quality.md.
 """
 
 from __future__ import annotations

@@ -39,10 +39,8 @@ def merge(
 ) -> None:
     """Merge the models of RECIPE into OUT."""
     from mergekit_like.device import resolve_device
-    from mergekit_like.engine import MergeOptions, run_merge
-    from mergekit_like.io.manifest import MANIFEST
+    from mergekit_like.engine import MergeOptions
     from mergekit_like.io.shards import parse_size
-    from mergekit_like.engine.plan import build_plan
     from mergekit_like.registry import load_recipe
     from mergekit_like.engine.sources import source_opener
 
@@ -55,16 +53,46 @@ def merge(
         raise MergeError("publishing needs a token; set HF_TOKEN")
     opener = source_opener(allow_pickle=allow_pickle, hub=hub)
     if dry_run:
-        plan = build_plan(loaded, opener)
-        try:
-            warn(plan.warnings)
-            print_plan(plan, out, options)
-        finally:
-            plan.close()
+        _print_dry_run(loaded, out, options, opener)
         return
+    _refuse_existing_output(out, overwrite)
+    result = _run_with_progress(loaded, out, options, opener, quiet=quiet)
+    warn(result.warnings)
+    if result.already_complete:
+        err_console.print(f"already complete: {out}", markup=False)
+    else:
+        print_written(result, out)
+    if publish_to is not None:
+        publish_output(out, publish_to, hub, private=private, revision=None, create_pr=False,
+                 message=None)
+
+
+def _print_dry_run(loaded, out: Path, options, opener) -> None:
+    """Plan the merge of recipe ``loaded`` and print its warnings and the plan; write nothing."""
+    from mergekit_like.engine.plan import build_plan
+
+    plan = build_plan(loaded, opener)
+    try:
+        warn(plan.warnings)
+        print_plan(plan, out, options)
+    finally:
+        plan.close()
+
+
+def _refuse_existing_output(out: Path, overwrite: bool) -> None:
+    """Fail fast on an existing OUT without ``--overwrite``; an OUT with a manifest may hold
+    this very merge, which the engine checks after planning."""
+    from mergekit_like.io.manifest import MANIFEST
+
     if out.exists() and not overwrite and not (out / MANIFEST).is_file():
-        # fails fast; an OUT with a manifest may hold this very merge (checked after planning)
         raise MergeError(f"output folder exists: {out} (pass --overwrite to replace it)")
+
+
+def _run_with_progress(loaded, out: Path, options, opener, *, quiet: bool):
+    """Run the merge into ``out`` under a progress bar on stderr (none with ``quiet``); returns
+    the engine's result."""
+    from mergekit_like.engine import run_merge
+
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
                   disable=quiet, transient=False) as bar:
@@ -78,14 +106,7 @@ def merge(
 
         result = run_merge(loaded, out, options, opener, progress=on_tensor, on_start=start)
         bar.update(task, description="done")
-    warn(result.warnings)
-    if result.already_complete:
-        err_console.print(f"already complete: {out}", markup=False)
-    else:
-        print_written(result, out)
-    if publish_to is not None:
-        publish_output(out, publish_to, hub, private=private, revision=None, create_pr=False,
-                 message=None)
+    return result
 
 
 def print_written(result, out: Path) -> None:

@@ -1,5 +1,5 @@
-"""`mergekit-like train-router`: train the router of a Twin bundle (twin.md §6) or of a WEMoE
-folder (wemoe.md §5).
+"""`mergekit-like train-router`: train the router of a Twin bundle (docs/methods/twin.md §7) or of a WEMoE
+folder (docs/methods/wemoe.md §5).
 
 The command dispatches on what it finds in BUNDLE: a Twin bundle (``twin/twin.json``) is trained
 here; a WEMoE folder (config.json ``model_type: "wemoe"``) by ``mergekit_like.wemoe.train``.
@@ -72,32 +72,47 @@ def train_router(
 ) -> None:
     """Train the router of BUNDLE.
 
-    A Twin bundle (twin/twin.json): the task classifier, on labelled texts (twin.md §6). A WEMoE
+    A Twin bundle (twin/twin.json): the task classifier, on labelled texts (docs/methods/twin.md §7). A WEMoE
     folder (config.json model_type "wemoe"): the per-layer routers, by minimising next-token
-    entropy on unlabeled texts, optionally guarded by held-out perplexity (wemoe.md §5)."""
+    entropy on unlabeled texts, optionally guarded by held-out perplexity (docs/methods/wemoe.md §5)."""
     from mergekit_like.wemoe.runtime import is_wemoe
     from mergekit_like.twin.bundle import is_bundle
 
     _check_router_apart(bundle, data, val_data)
     if is_bundle(bundle):
-        settings = {"lr": 5e-4 if lr is None else lr, "epochs": epochs,
-                    "batch_size": 256 if batch_size is None else batch_size, "seed": seed,
-                    "val_fraction": val_fraction, "optimizer": "AdamW", "loss": "cross_entropy"}
-        _check_settings(settings)
+        settings = _twin_settings(lr=lr, epochs=epochs, batch_size=batch_size, seed=seed,
+                                  val_fraction=val_fraction)
         _train_twin(bundle, data, settings, device, quiet)
         return
     if is_wemoe(bundle):
-        from mergekit_like.wemoe.train import WemoeTrainSettings
-
-        settings = WemoeTrainSettings(
-            lr=1e-4 if lr is None else lr, steps=steps, max_length=max_length, seed=seed,
-            batch_size=8 if batch_size is None else batch_size, grad_accum=grad_accum,
-            gradient_checkpointing=gradient_checkpointing, reinit=reinit, eval_every=eval_every,
-            keep=keep)
+        settings = _wemoe_settings(
+            lr=lr, steps=steps, max_length=max_length, seed=seed, batch_size=batch_size,
+            grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing, reinit=reinit,
+            eval_every=eval_every, keep=keep)
         _train_wemoe(bundle, data, settings, val_data, device, quiet)
         return
     raise MergeError(f"{bundle}: not a Twin bundle (no twin/twin.json) nor a WEMoE folder "
                      "(config.json model_type is not 'wemoe')")
+
+
+def _twin_settings(*, lr: float | None, epochs: int, batch_size: int | None, seed: int,
+                   val_fraction: float) -> dict:
+    """The Twin router's training settings (defaults: lr 5e-4, batch size 256), checked; they
+    are also recorded in twin.json."""
+    settings = {"lr": 5e-4 if lr is None else lr, "epochs": epochs,
+                "batch_size": 256 if batch_size is None else batch_size, "seed": seed,
+                "val_fraction": val_fraction, "optimizer": "AdamW", "loss": "cross_entropy"}
+    _check_settings(settings)
+    return settings
+
+
+def _wemoe_settings(*, lr: float | None, batch_size: int | None, **options):
+    """The WEMoE routers' ``WemoeTrainSettings`` (defaults: lr 1e-4, 8 texts per micro-batch);
+    ``options`` are its other fields."""
+    from mergekit_like.wemoe.train import WemoeTrainSettings
+
+    return WemoeTrainSettings(lr=1e-4 if lr is None else lr,
+                              batch_size=8 if batch_size is None else batch_size, **options)
 
 
 def _train_wemoe(root: Path, data: Path, settings, val_data: Path | None, device: str,

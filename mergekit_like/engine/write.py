@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mergekit_like import __version__
 from mergekit_like.io.output import OutputFolder
+from mergekit_like.ops.drop import SCHEME as DROP_SCHEME
 from mergekit_like.io.shards import ShardPlan, index_filename, index_text, plan_shards
 from mergekit_like.io.side_files import (copy_side_files, main_dtype_name, model_card,
                                          updated_config)
@@ -19,7 +20,6 @@ from mergekit_like.io.verify import verify_output
 from mergekit_like.io.writer import iter_write_order
 from mergekit_like.engine.plan import MergePlan, TensorJob
 
-MASK_SCHEME = "splitmix64-v1"
 
 
 def plan_files(plan: MergePlan, shard_bytes: int) -> dict[str, list[ShardPlan]]:
@@ -67,7 +67,7 @@ def write_side_files(plan: MergePlan, folder: OutputFolder, groups: dict[str, li
                   if not inp.ref.is_local]  # the card's base_model lists Hub ids only
     extra = plan.method.card_extra(plan, reports)
     if recipe.merge_method.startswith("dare"):
-        extra = {"seed": recipe.seed, "random mask scheme": MASK_SCHEME, **(extra or {})}
+        extra = {"seed": recipe.seed, "random mask scheme": DROP_SCHEME, **(extra or {})}
     folder.write_side_file("README.md", model_card(
         method=recipe.merge_method, base_models=hub_models, models=models,
         recipe_text=recipe.text, extra=extra, title=plan.method.card_title))
@@ -100,7 +100,7 @@ def plan_inputs(plan: MergePlan) -> list[tuple[str, Path]]:
 
 
 def resume_key(plan: MergePlan, shards: list[ShardPlan], options) -> str:
-    """sha256 of everything that decides the output bytes (safetensors_io.md §6)."""
+    """sha256 of everything that decides the output bytes (docs/output_format.md §6)."""
     payload = {
         "recipe": plan.recipe.resolved(),
         "inputs": [s.identity() for s in plan.sources],
@@ -109,7 +109,7 @@ def resume_key(plan: MergePlan, shards: list[ShardPlan], options) -> str:
                    for s in shards],
         "out_shard_bytes": options.out_shard_bytes,
         "seed": plan.recipe.seed,
-        "mask_scheme": MASK_SCHEME,
+        "mask_scheme": DROP_SCHEME,
         "version": __version__,
         "device": options.device.type,
     }

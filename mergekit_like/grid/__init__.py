@@ -1,4 +1,4 @@
-"""Recipe grids (grid.md): expansion of a grid file into validated points, point identity and
+"""Recipe grids (docs/grid.md): expansion of a grid file into validated points, point identity and
 labels, and the slice partition for ``--shard i/n``. The runner that merges the points builds on
 this API."""
 

@@ -1,4 +1,4 @@
-"""Per-point evaluation of a grid (grid.md §6): a user command, or the built-in perplexity."""
+"""Per-point evaluation of a grid (docs/grid.md §6): a user command, or the built-in perplexity."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def check_ppl_extra() -> None:
 
 def perplexity_of(out: Path, text_file: Path, *, ctx: int | None, max_tokens: int,
                   device: str = "cpu", batch_size: int = 4) -> Evaluation:
-    """ppl of a merged model on a local text (grid.md §6): tokenised without special tokens,
+    """ppl of a merged model on a local text (docs/grid.md §6): tokenised without special tokens,
     non-overlapping windows of ``ctx`` tokens (default min(1024, max positions)) up to
     ``max_tokens``, each prefixed with BOS when the tokenizer has one (BOS never scored)."""
     from mergekit_like.runtime import Example, evaluate_perplexity, load_model

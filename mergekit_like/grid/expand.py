@@ -1,4 +1,4 @@
-"""Expansion of a grid file into validated points (grid.md §1–2), and the slice partition (§7).
+"""Expansion of a grid file into validated points (docs/grid.md §1–2), and the slice partition (§7).
 
 Pure: reads the grid file and asks (through ``build_recipe``) whether local model folders exist;
 no model is opened and no network is touched. The runner merges the points.
@@ -23,11 +23,12 @@ from typing import Any, Mapping
 import yaml
 
 from mergekit_like.errors import MergeError
-from mergekit_like.grid.paths import (PLACEHOLDER_RE, RESERVED, PathError, get_path, make_label,
-                                      matches, overlaps, parse_path, set_path, short_keys)
 from mergekit_like.recipe.model import Recipe
 from mergekit_like.recipe.validate import build_recipe, read_text_file
 from mergekit_like.recipe.yaml_lines import Locator, load_yaml
+from mergekit_like.registry import method_table
+from mergekit_like.grid.paths import (PLACEHOLDER_RE, RESERVED, PathError, get_path, make_label,
+                                      matches, overlaps, parse_path, set_path, short_keys)
 
 MAX_POINTS = 100_000
 
@@ -290,7 +291,6 @@ def load_grid_text(text: str, display: str = "grid.yml", *, path: str | Path | N
     ``Grid.invalid_points`` (not to ``warnings``), unless no point is valid: that raises too.
     """
     if methods is None:
-        from mergekit_like.registry import method_table
         methods = method_table()
     path = Path(path or display)
     data, lines = load_yaml(text, display)
@@ -370,7 +370,7 @@ def load_grid(path: str | Path, *, seed: int | None = None, strict: bool = True,
 # ---------------------------------------------------------------- sharding
 
 def partition(costs: list[float], n: int) -> list[list[int]]:
-    """Greedy least-loaded assignment (grid.md §7): items sorted by cost descending (ties by
+    """Greedy least-loaded assignment (docs/grid.md §7): items sorted by cost descending (ties by
     index) each go to the slice with the smallest load so far (ties: the lowest slice number).
     Returns the item indices of each of the ``n`` slices, ascending. Deterministic."""
     if n < 1:

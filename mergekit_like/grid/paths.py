@@ -1,5 +1,5 @@
 """Dotted paths into a recipe document, value comparison, short value forms and labels
-(grid.md §1–2).
+(docs/grid.md §1–2).
 
 A path is a list of segments separated by ``.``. A segment that is a non-negative integer indexes
 a list (the element must exist; lists never grow); any other segment indexes a mapping, creating

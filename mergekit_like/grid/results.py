@@ -1,4 +1,4 @@
-"""Grid results (grid.md §5): an append-only, fsynced ``results.jsonl`` (one line per finished
+"""Grid results (docs/grid.md §5): an append-only, fsynced ``results.jsonl`` (one line per finished
 attempt; ``results.<i>-of-<n>.jsonl`` per slice) and ``results.csv`` rebuilt from the latest
 line per point."""
 
@@ -100,7 +100,7 @@ def csv_text(rows: list[dict[str, Any]], varied: list[str]) -> str:
 
 
 def parse_metric(stdout: str, key: str | None) -> tuple[float | None, dict[str, float] | None, str | None]:
-    """grid.md §6: the last non-empty stdout line is a number (the metric) or a JSON object
+    """docs/grid.md §6: the last non-empty stdout line is a number (the metric) or a JSON object
     (its numeric fields; the metric is ``key`` or the first numeric field). Returns
     (metric, eval fields, error)."""
     lines = [ln.strip() for ln in stdout.splitlines() if ln.strip()]

@@ -1,4 +1,4 @@
-"""Running a grid (grid.md §2–§5, §7): plan every point, group the points that read the same
+"""Running a grid (docs/grid.md §2–§5, §7): plan every point, group the points that read the same
 inputs into passes, run each pass as one read (``engine.run_pass``), log every attempt.
 
     OUT_ROOT/grid.yml, points.json, <id>/ (a complete merge output + grid_point.json; none for a
@@ -112,7 +112,7 @@ def group_passes(points: list[PlannedPoint], pass_size: int) -> list[list[Planne
 
 
 def pass_cost(group: list[PlannedPoint]) -> float:
-    """Bytes read once + bytes written per point (grid.md §7)."""
+    """Bytes read once + bytes written per point (docs/grid.md §7)."""
     plan = group[0].plan
     assert plan is not None
     written = sum(o.dtype.itemsize * _numel(o.shape) for o in plan.outputs)
@@ -157,7 +157,7 @@ def select_shard(passes: list[list[PlannedPoint]], shard: tuple[int, int] | None
 
 
 def point_complete(root: Path, point: GridPoint) -> bool:
-    """Cheap verification of a finished point folder (grid.md §4): no data hashed."""
+    """Cheap verification of a finished point folder (docs/grid.md §4): no data hashed."""
     folder = root / point.id
     try:
         meta = json.loads((folder / POINT_FILE).read_text(encoding="utf-8"))
@@ -320,7 +320,7 @@ def lock_path(root: Path, shard: tuple[int, int] | None) -> Path:
 
 
 def acquire_lock(root: Path, shard: tuple[int, int] | None, break_lock: bool) -> tuple[Path, list[str]]:
-    """Create the grid lock exclusively (grid.md §4); returns it and any warning."""
+    """Create the grid lock exclusively (docs/grid.md §4); returns it and any warning."""
     path = lock_path(root, shard)
     host = socket.gethostname()
     warnings: list[str] = []

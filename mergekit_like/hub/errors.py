@@ -1,4 +1,4 @@
-"""huggingface_hub exceptions as one-line ``MergeError`` messages (hub.md §3).
+"""huggingface_hub exceptions as one-line ``MergeError`` messages (docs/hub.md §3).
 
 Exit code 2 for what the user must fix, 1 for what a retry may fix (5xx, 429, transport).
 Messages name the repo (and revision or file), never the token.

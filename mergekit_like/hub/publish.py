@@ -1,4 +1,4 @@
-"""Publishing a finished merge output to the Hub (hub.md §4): one commit, stale shards removed."""
+"""Publishing a finished merge output to the Hub (docs/hub.md §4): one commit, stale shards removed."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hub settings resolved when a command runs (hub.md §1), never at import.
+"""Hub settings resolved when a command runs (docs/hub.md §1), never at import.
 
 huggingface_hub freezes ``HF_ENDPOINT`` at import time, so every call the project makes
 passes ``endpoint=``, ``token=`` and ``cache_dir=`` explicitly from a ``HubSettings``.

@@ -1,4 +1,4 @@
-"""A model on the Hugging Face Hub as a ``CheckpointSource`` (hub.md §2).
+"""A model on the Hugging Face Hub as a ``CheckpointSource`` (docs/hub.md §2).
 
 Construction costs metadata only: the revision is resolved to one commit sha (every later
 request uses it), config.json and the index are downloaded, and every shard's safetensors
@@ -262,7 +262,7 @@ class HubSource(CheckpointSource):
 
 def _remember_revision(cache_dir: Path, repo: str, revision: str, sha: str) -> None:
     """Write ``refs/<revision>`` in the cache (downloads pinned to a sha do not), so a later
-    offline run can resolve the same revision name to this commit (hub.md §5)."""
+    offline run can resolve the same revision name to this commit (docs/hub.md §5)."""
     if revision == sha:
         return
     from huggingface_hub.file_download import repo_folder_name

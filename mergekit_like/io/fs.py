@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 import struct
+from mergekit_like.errors import MergeError
 from pathlib import Path
 
 
@@ -134,7 +135,6 @@ def check_output_apart(out: Path, inputs: list[tuple[str, Path]]) -> None:
     ``inputs`` ((label, path) pairs: models, side folders, the recipe, data files), compared
     by real path, so that no flag (``--overwrite`` included) can replace or delete an input.
     Called before anything is written."""
-    from mergekit_like.errors import MergeError
 
     target = os.path.realpath(out)
     for label, path in inputs:

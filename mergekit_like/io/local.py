@@ -1,4 +1,4 @@
-"""Reading a local model folder (safetensors_io.md §2–3): layout detection, header validation,
+"""Reading a local model folder (docs/output_format.md §2–3): layout detection, header validation,
 tensor reads by positional reads of the validated header offsets (pickle through ``torch.load``).
 
 Layouts, in the order transformers prefers them:

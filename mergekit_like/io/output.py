@@ -1,5 +1,5 @@
 """The output folder: lock, free-space check, partial folder, resume, atomic finalize
-(safetensors_io.md §5–§6).
+(docs/output_format.md §5–§6).
 
 ::
 
@@ -9,6 +9,7 @@
          .mergekit_like_state/state.json          resume key + shard plan summary
          .mergekit_like_state/done/<shard>.json   per-shard completion markers
       .OUT.lock                         O_CREAT|O_EXCL, holds the pid; stale if that pid is dead
+                                        (io/lock.py)
 
 (Sibling names too long for the filesystem are shortened with a hash: ``fs.sibling_path``.)
 A finished OUT holds ``merge_manifest.json`` (io/manifest.py): every file's size and sha256 and
@@ -25,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -34,6 +34,7 @@ from mergekit_like.errors import AlreadyComplete, MergeError
 from mergekit_like.io.fs import _fsync_dir, _remove, _tree_bytes, pid_alive, read_header_sha256  # noqa: F401
 from mergekit_like.io.fs import check_output_apart, replace_dir, sibling_path
 from mergekit_like.io.local import safe_relpath
+from mergekit_like.io.lock import OutputLock
 from mergekit_like.io.manifest import MANIFEST, Hasher, manifest_text, read_manifest
 from mergekit_like.io.shards import ShardPlan, format_bytes
 from mergekit_like.io.writer import _is_disk_full, disk_full_error
@@ -42,7 +43,6 @@ STATE_DIR = ".mergekit_like_state"
 STATE_FILE = "state.json"
 DONE_DIR = "done"
 FREE_SPACE_MARGIN = 1.02
-_FRESH_LOCK_S = 10.0  # an unreadable lock younger than this is taken as held (being written)
 KEPT_PARTIALS: list[Path] = []
 """Partial folders this process left for a resume (the CLI's interrupt message reads it)."""
 
@@ -79,6 +79,7 @@ class OutputFolder:
         self.parent = self.out.parent
         self.partial = sibling_path(self.out, "partial")
         self.lock_path = sibling_path(self.out, "lock")
+        self._lock = OutputLock(self.lock_path, self.out)
         self.inputs = list(inputs)
         self.accept_complete = accept_complete
         self.state_dir = self.partial / STATE_DIR
@@ -89,7 +90,6 @@ class OutputFolder:
         self.planned_bytes = int(planned_bytes)
         self.plans = plans
         self.warnings: list[str] = []
-        self._locked = False
         self._prepared = False
         self._finished = False
         self._written: set[str] = set()
@@ -111,7 +111,7 @@ class OutputFolder:
         except OSError as exc:
             raise MergeError(f"cannot create {self.parent}: {exc.strerror or exc}") from None
         try:
-            self._acquire_lock()
+            self._lock.acquire(self.warnings)
         except OSError as exc:  # read-only filesystem, no permission, name too long
             raise MergeError(f"cannot write the output {self.out}: {exc.strerror or exc} "
                              f"({exc.filename or self.lock_path})") from None
@@ -120,11 +120,11 @@ class OutputFolder:
             self._check_free_space(mode, kept)
             self._setup_partial(mode, kept)
         except OSError as exc:
-            self._release_lock()
+            self._lock.release()
             raise MergeError(f"cannot write the output {self.out}: {exc.strerror or exc} "
                              f"({exc.filename or self.partial})") from None
         except BaseException:
-            self._release_lock()
+            self._lock.release()
             raise
         self._prepared = True
         self._written = set(kept)
@@ -226,59 +226,6 @@ class OutputFolder:
         _fsync_dir(self.partial)
         _fsync_dir(self.parent)
 
-    # ---- the lock ---------------------------------------------------------------------------
-
-    def _lock_owner(self) -> int | None:
-        try:
-            return int(self.lock_path.read_text(encoding="utf-8").split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def _acquire_lock(self) -> None:
-        for _ in range(3):
-            try:
-                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                pid = self._lock_owner()
-                if pid is None:
-                    try:
-                        age = time.time() - self.lock_path.stat().st_mtime
-                    except FileNotFoundError:
-                        continue
-                    held = age < _FRESH_LOCK_S
-                else:
-                    held = pid_alive(pid)
-                if held:
-                    who = f"process {pid}" if pid is not None else "another process"
-                    raise MergeError(f"output {self.out} is locked by {who} ({self.lock_path}); "
-                                     "wait for it to finish, or remove the lock if it is stale")
-                self.warnings.append(f"removed stale lock {self.lock_path} "
-                                     f"(process {pid} is not running)")
-                try:
-                    self.lock_path.unlink()
-                except FileNotFoundError:
-                    pass
-                continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(f"{os.getpid()}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            if self._lock_owner() != os.getpid():  # pragma: no cover - lost a takeover race
-                raise MergeError(f"output {self.out} is locked by another process "
-                                 f"({self.lock_path})")
-            self._locked = True
-            return
-        raise MergeError(f"could not take the lock {self.lock_path}")
-
-    def _release_lock(self) -> None:
-        if self._locked:
-            self._locked = False
-            if self._lock_owner() == os.getpid():
-                try:
-                    self.lock_path.unlink()
-                except FileNotFoundError:
-                    pass
-
     # ---- writing ----------------------------------------------------------------------------
 
     def _atomic_write(self, path: Path, data: bytes, shown_name: str) -> None:
@@ -374,7 +321,7 @@ class OutputFolder:
                              "(pass --overwrite to replace it)")
         replace_dir(self.partial, self.out)
         self._finished = True
-        self._release_lock()
+        self._lock.release()
         return self.out
 
     def abort(self, keep_partial: bool) -> None:
@@ -387,7 +334,7 @@ class OutputFolder:
             else:
                 shutil.rmtree(self.partial, ignore_errors=True)
         self._finished = self._finished or self._prepared
-        self._release_lock()
+        self._lock.release()
 
     def _has_progress(self) -> bool:
         try:

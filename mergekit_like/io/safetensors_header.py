@@ -1,4 +1,4 @@
-"""Our own small safetensors header parser and validator (safetensors_io.md §1–2).
+"""Our own small safetensors header parser and validator (docs/output_format.md §1–2).
 
 Layout: ``[0:8)`` u64 little-endian N, ``[8:8+N)`` a UTF-8 JSON object (possibly right-padded with
 spaces), ``[8+N:end)`` the data buffer. Every check here raises a one-line ``MergeError`` naming
@@ -88,6 +88,20 @@ def parse_header(path: str | os.PathLike[str], *, model: str,
     """Read and validate the header of ``path``; ``name`` is how errors call the file."""
     path = Path(path)
     fname = name if name is not None else path.name
+    file_size, head, raw = _read_header_bytes(path, model, fname)
+    obj = _decode_header_json(raw, model, fname)
+    metadata = _take_metadata(obj, model, fname)
+    tensors = {tname: _check_entry(model, fname, tname, entry) for tname, entry in obj.items()}
+    data_size = _tiled_data_size(tensors, model, fname)
+    _check_data_size(file_size - 8 - len(raw), data_size, model, fname)
+    digest = hashlib.sha256(head + raw).hexdigest()
+    return ParsedHeader(tensors=tensors, metadata=dict(metadata), header_len=len(raw),
+                        file_size=file_size, data_size=data_size, header_sha256=digest)
+
+
+def _read_header_bytes(path: Path, model: str, fname: str) -> tuple[int, bytes, bytes]:
+    """(file size, the 8 length bytes, the N header bytes) of ``path``, N checked against the
+    limit, JSON's minimum and the file size."""
     try:
         with open(path, "rb") as f:
             file_size = os.fstat(f.fileno()).st_size
@@ -112,7 +126,11 @@ def parse_header(path: str | os.PathLike[str], *, model: str,
         raise _fail(model, fname, f"cannot be read ({e.strerror or e})") from None
     if len(raw) != n:
         raise _fail(model, fname, "changed while being read (short read of the header)")
+    return file_size, head, raw
 
+
+def _decode_header_json(raw: bytes, model: str, fname: str) -> dict[str, Any]:
+    """The header's JSON object (UTF-8, starting with '{', no key twice)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -128,23 +146,25 @@ def parse_header(path: str | os.PathLike[str], *, model: str,
                                   f"{str(e).splitlines()[0]})") from None
     if not isinstance(obj, dict):
         raise _fail(model, fname, "is not a safetensors file (header is not a JSON object)")
+    return obj
 
+
+def _take_metadata(obj: dict[str, Any], model: str, fname: str) -> dict[str, str]:
+    """Remove ``__metadata__`` from the header object and return it ({} when absent); it must
+    map strings to strings."""
     metadata = obj.pop(METADATA_KEY, None)
     if metadata is None:
         metadata = {}
     if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise _fail(model, fname, "has a bad header (__metadata__ must map strings to strings)")
+    return metadata
 
-    tensors: dict[str, dict[str, Any]] = {}
-    spans: list[tuple[int, int, str]] = []
-    for tname, entry in obj.items():
-        tensors[tname] = _check_entry(model, fname, tname, entry)
-        b, e = tensors[tname]["data_offsets"]
-        spans.append((b, e, tname))
 
-    # Offsets must tile [0, last_end) exactly: contiguous, no holes, no overlaps.
-    spans.sort()
+def _tiled_data_size(tensors: dict[str, dict[str, Any]], model: str, fname: str) -> int:
+    """The data buffer's size (the last ``end``) after checking that the tensors' offsets tile
+    ``[0, last_end)`` exactly: contiguous, no holes, no overlaps."""
+    spans = sorted((*t["data_offsets"], tname) for tname, t in tensors.items())
     pos = 0
     for b, e, tname in spans:
         if b != pos:
@@ -154,8 +174,11 @@ def parse_header(path: str | os.PathLike[str], *, model: str,
             raise _fail(model, fname, f"has a bad header (hole in the data buffer before tensor "
                                       f"'{tname}': bytes {pos}..{b} belong to no tensor)")
         pos = e
-    data_size = pos
-    actual = file_size - 8 - n
+    return pos
+
+
+def _check_data_size(actual: int, data_size: int, model: str, fname: str) -> None:
+    """The bytes after the header (``actual``) are exactly the declared data."""
     if actual < data_size:
         raise _fail(model, fname, f"is truncated (header declares {human_bytes(data_size)} of "
                                   f"data, file has {human_bytes(actual)})")
@@ -164,9 +187,6 @@ def parse_header(path: str | os.PathLike[str], *, model: str,
                                   f"unexpected bytes after the tensor data; header declares "
                                   f"{human_bytes(data_size)} of data, file has "
                                   f"{human_bytes(actual)})")
-    digest = hashlib.sha256(head + raw).hexdigest()
-    return ParsedHeader(tensors=tensors, metadata=dict(metadata), header_len=n,
-                        file_size=file_size, data_size=data_size, header_sha256=digest)
 
 
 def _check_entry(model: str, fname: str, tname: str, entry: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Output shard planning (safetensors_io.md §3–§4).
+"""Output shard planning (docs/output_format.md §3–§4).
 
 Every output tensor's name, shape and dtype is known before any arithmetic, so the whole layout
 is fixed up front: which shard each tensor goes to, the final ``-of-N`` file names, each tensor's

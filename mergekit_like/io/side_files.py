@@ -1,5 +1,5 @@
 """Non-weight output files: config.json, tokenizer and processor files, the model card
-(safetensors_io.md §8–§9, hub.md §4)."""
+(docs/output_format.md §8–§9, docs/hub.md §4)."""
 
 from __future__ import annotations
 
@@ -200,7 +200,7 @@ def model_card(*, method: str, base_models: list[str], models: list[str], recipe
     library_name) and a body with the method, the models and the recipe verbatim.
 
     ``base_models`` go to the front matter as given (deduplicated, order kept); the caller
-    filters them (hub.md §4: Hub ids only, no @revision). ``extra`` entries are listed as
+    filters them (docs/hub.md §4: Hub ids only, no @revision). ``extra`` entries are listed as
     settings under the method. Anything that looks like an hf_ token is redacted."""
     front: dict[str, Any] = {}
     bases = _dedupe([str(b) for b in base_models])

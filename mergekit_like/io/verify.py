@@ -1,5 +1,5 @@
 """Check that an output folder is a complete, consistent model (``mergekit-like verify``, and the
-precondition of ``publish``, hub.md §4).
+precondition of ``publish``, docs/hub.md §4).
 
 Checks, each failing with a one-line ``MergeError`` naming the file or tensor:
 
@@ -33,7 +33,7 @@ from mergekit_like.dtypes import all_finite, ST_TO_TORCH, is_float_code
 from mergekit_like.errors import MergeError
 from mergekit_like.io.local import read_weight_map
 from mergekit_like.io.manifest import check_manifest, read_manifest
-from mergekit_like.io.safetensors_header import parse_header
+from mergekit_like.io.safetensors_header import ParsedHeader, parse_header
 from mergekit_like.io.layers import config_num_layers, layer_index, layer_stacks
 
 STATE_DIR = ".mergekit_like_state"
@@ -139,66 +139,28 @@ def verify_weights(folder: Path, stem: str, where: str, *, read_data: bool = Tru
                    allow_nonfinite: bool = False, ignore: tuple[str, ...] = ()) -> VerifyReport:
     """Check the weights ``<stem>.safetensors`` or ``<stem>.safetensors.index.json`` + shards in
     ``folder`` (no other ``*.safetensors`` besides those under the ``ignore`` sub-folders)."""
-    single_name, index_name = f"{stem}.safetensors", f"{stem}.safetensors.index.json"
-    single = folder / single_name
+    index_name = f"{stem}.safetensors.index.json"
     index_path = folder / index_name
-    present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors")
-                     if not any(part.startswith(".") for part in p.relative_to(folder).parts)
-                     and p.relative_to(folder).parts[0] not in ignore)
+    present = _present_weight_files(folder, ignore)
     report = VerifyReport(sharded=index_path.is_file())
-
     if report.sharded:
-        if single.is_file():
-            raise MergeError(f"{where}: both {single_name} and {index_name}"
-                             f" are present (an output is one or the other)")
-        weight_map = read_weight_map(index_path, where)
+        weight_map = _sharded_weight_map(folder, stem, where, present)
         files = sorted(set(weight_map.values()))
-        for rel in files:
-            if not (folder / rel).is_file():
-                raise MergeError(f"{where}: {rel} is missing ({index_name} lists it)")
-        stray = [p for p in present if p not in set(files)]
-        if stray:
-            raise MergeError(f"{where}: {stray[0]} is not referenced by {index_name}")
-    elif single.is_file():
-        weight_map = None
-        files = [single_name]
-        stray = [p for p in present if p != single_name]
-        if stray:
-            raise MergeError(f"{where}: {stray[0]} is not part of the model (only "
-                             f"{single_name} is, and there is no index)")
     else:
-        raise MergeError(f"{where}: no weights ({single_name} or {index_name}) found")
+        weight_map = None
+        files = [_single_weight_file(folder, stem, where, present)]
 
-    headers = {}
-    for rel in files:
-        h = parse_header(folder / rel, model=where, name=rel)
-        headers[rel] = h
-        if weight_map is not None:
-            listed = {t for t, f in weight_map.items() if f == rel}
-            missing = sorted(listed - set(h.tensors))
-            if missing:
-                raise MergeError(f"{where}: {index_name} puts '{missing[0]}' in "
-                                 f"{rel}, but that file does not hold it")
-            extra = sorted(set(h.tensors) - listed)
-            if extra:
-                raise MergeError(f"{where}: {rel} holds '{extra[0]}', which "
-                                 f"{index_name} does not list for that file")
+    headers = {rel: _read_weight_header(folder, rel, weight_map, index_name, where)
+               for rel in files}
+    for h in headers.values():
         report.tensors += len(h.tensors)
         report.total_bytes += h.data_size
         for e in h.tensors.values():
             report.dtypes[e["dtype"]] += 1
     if not report.tensors:
         raise MergeError(f"{where}: the weights hold no tensors")
-
     if weight_map is not None:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        meta = index.get("metadata")
-        total = meta.get("total_size") if isinstance(meta, dict) else None
-        if total is None:
-            raise MergeError(f"{where}: {index_name} has no metadata.total_size")
-        if not isinstance(total, int) or isinstance(total, bool) or total != report.total_bytes:
-            raise MergeError(f"{where}: {index_name} metadata.total_size is {total!r},"
-                             f" but the tensors hold {report.total_bytes} bytes of data")
+        _check_total_size(index_path, report.total_bytes, where)
 
     if read_data:
         for rel in files:
@@ -207,6 +169,77 @@ def verify_weights(folder: Path, stem: str, where: str, *, read_data: bool = Tru
     report.file_names = files
     report.headers = headers
     return report
+
+
+def _present_weight_files(folder: Path, ignore: tuple[str, ...]) -> list[str]:
+    """Every ``*.safetensors`` under ``folder`` (relative POSIX paths, sorted), except those in
+    hidden folders and under the ``ignore`` sub-folders."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors")
+                  if not any(part.startswith(".") for part in p.relative_to(folder).parts)
+                  and p.relative_to(folder).parts[0] not in ignore)
+
+
+def _sharded_weight_map(folder: Path, stem: str, where: str,
+                        present: list[str]) -> dict[str, str]:
+    """The index's ``weight_map`` (tensor -> shard) after checking that there is no single file
+    beside the index, that every shard it names exists and that no other weight file does."""
+    single_name, index_name = f"{stem}.safetensors", f"{stem}.safetensors.index.json"
+    if (folder / single_name).is_file():
+        raise MergeError(f"{where}: both {single_name} and {index_name}"
+                         f" are present (an output is one or the other)")
+    weight_map = read_weight_map(folder / index_name, where)
+    files = sorted(set(weight_map.values()))
+    for rel in files:
+        if not (folder / rel).is_file():
+            raise MergeError(f"{where}: {rel} is missing ({index_name} lists it)")
+    stray = [p for p in present if p not in set(files)]
+    if stray:
+        raise MergeError(f"{where}: {stray[0]} is not referenced by {index_name}")
+    return weight_map
+
+
+def _single_weight_file(folder: Path, stem: str, where: str, present: list[str]) -> str:
+    """``<stem>.safetensors``, after checking that it exists and is the only weight file (there
+    is no index)."""
+    single_name, index_name = f"{stem}.safetensors", f"{stem}.safetensors.index.json"
+    if not (folder / single_name).is_file():
+        raise MergeError(f"{where}: no weights ({single_name} or {index_name}) found")
+    stray = [p for p in present if p != single_name]
+    if stray:
+        raise MergeError(f"{where}: {stray[0]} is not part of the model (only "
+                         f"{single_name} is, and there is no index)")
+    return single_name
+
+
+def _read_weight_header(folder: Path, rel: str, weight_map: dict[str, str] | None,
+                        index_name: str, where: str) -> ParsedHeader:
+    """The validated header of weight file ``rel``; with an index, it must hold exactly the
+    tensors the index puts in that file."""
+    h = parse_header(folder / rel, model=where, name=rel)
+    if weight_map is not None:
+        listed = {t for t, f in weight_map.items() if f == rel}
+        missing = sorted(listed - set(h.tensors))
+        if missing:
+            raise MergeError(f"{where}: {index_name} puts '{missing[0]}' in "
+                             f"{rel}, but that file does not hold it")
+        extra = sorted(set(h.tensors) - listed)
+        if extra:
+            raise MergeError(f"{where}: {rel} holds '{extra[0]}', which "
+                             f"{index_name} does not list for that file")
+    return h
+
+
+def _check_total_size(index_path: Path, total_bytes: int, where: str) -> None:
+    """The index's ``metadata.total_size`` equals the tensors' data bytes."""
+    index_name = index_path.name
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    meta = index.get("metadata")
+    total = meta.get("total_size") if isinstance(meta, dict) else None
+    if total is None:
+        raise MergeError(f"{where}: {index_name} has no metadata.total_size")
+    if not isinstance(total, int) or isinstance(total, bool) or total != total_bytes:
+        raise MergeError(f"{where}: {index_name} metadata.total_size is {total!r},"
+                         f" but the tensors hold {total_bytes} bytes of data")
 
 
 def _check_tensors(folder: Path, rel: str, header, where: str, allow_nonfinite: bool) -> None:

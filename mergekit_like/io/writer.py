@@ -1,4 +1,4 @@
-"""Streaming shard writer (safetensors_io.md §4).
+"""Streaming shard writer (docs/output_format.md §4).
 
 ``ShardWriter`` writes one pre-planned shard: the header first, then each tensor's bytes in the
 plan's write order (hashed on the way, for the manifest), then ``finish()`` flushes, fsyncs,

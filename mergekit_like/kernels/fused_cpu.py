@@ -1,17 +1,17 @@
 """Fused CPU loops (numba) for the two hot paths of the task-vector methods.
 
-The torch functions of ``task_arithmetic.py`` and ``ties.py`` define the math; torch runs each
-of their elementwise steps as its own pass over memory, about 60 passes per parameter for TIES.
-The loops here make the same IEEE float32 operations in the same order, one chunk of a span at a
-time, straight from the stored bf16/float32 bytes, so they give the same bits
-(``tests/test_fused_cpu.py`` compares them with the torch path on tensors built to hit every
-branch):
+The functions of ``ops/`` (task_vectors, sign_consensus, trim, drop) define the math; torch runs
+each of their elementwise steps as its own pass over memory, about 60 passes per parameter for
+TIES. The loops here make the same IEEE float32 operations in the same order, one chunk of a span
+at a time, straight from the stored bf16/float32 bytes, so they give the same bits
+(``tests/kernels/`` compares them with the torch path and with the ops/ equations on tensors built
+to hit every branch):
 
-* ``scan_abs_delta``: one read pass of ``ties.kth_largest`` over a span of |δ| = |x − b|:
+* ``scan_abs_delta``: one read pass of ``kth_largest.scan_pass`` over a span of |δ| = |x − b|:
   #(|δ| > hi), #(|δ| ≥ hi), #(|δ| ≥ lo) and the values (with flat indices) in [c_lo, c_hi].
-* ``merge_span``: out = b + λ·Δ of operators.md §2 over a span, for magnitude-trimmed
-  (TIES), randomly dropped (DARE) or whole δ_i, with or without the sign consensus, written in
-  the output dtype.
+* ``merge_span``: out = b + λ·Δ of docs/methods/task_arithmetic.md §1 over a span, for
+  magnitude-trimmed (TIES), randomly dropped (DARE) or whole δ_i, with or without the sign
+  consensus, written in the output dtype.
 
 bf16 is read as its bit pattern (uint16 << 16 is the float32 of equal value) and written with
 round-to-nearest-even, as torch casts. Only used when ``supported`` says so: CPU, float32
@@ -31,6 +31,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from mergekit_like.ops.drop import KEEP_ALL
+from mergekit_like.ops.task_vectors import plain_denominator
+
 PIECE = 1 << 16
 """Elements per counted piece of a scan (a multiple of fused_loops.CHUNK): a partial tie at the k-th value
 is then located by recomputing |δ| over one such piece only."""
@@ -49,7 +52,7 @@ def supported(task: Any, tensors: Sequence[torch.Tensor], out: torch.Tensor | No
     for t in [*tensors, *([out] if out is not None else [])]:
         if t.dtype not in _RAW or not t.is_contiguous() or t.device.type != "cpu":
             return False
-        if task.load_dtype not in (None, t.dtype, torch.float32):
+        if task.load_rounding(t.dtype) is not None:
             return False                       # a load rounding step (recipe dtype) applies
     return _kernels() is not None
 
@@ -90,7 +93,7 @@ def _kernels():
 def scan_abs_delta(x: torch.Tensor, b: torch.Tensor, span: tuple[int, int], lo: float,
                    hi: float, c_lo: float, c_hi: float, hi_open: bool, lo_open: bool,
                    collect: bool) -> tuple:
-    """``ties._scan_pass`` over flat ``span`` of |x − b|, in pieces of ``PIECE`` elements."""
+    """``kth_largest.scan_pass`` over flat ``span`` of |x − b|, in pieces of ``PIECE`` elements."""
     k = _kernels()
     s, e = span
     lo_c = c_lo if c_lo > 0.0 else 0.0         # |δ| ≥ 0 (and +0.0: -0.0's bits would not do)
@@ -115,7 +118,7 @@ def scan_abs_delta(x: torch.Tensor, b: torch.Tensor, span: tuple[int, int], lo: 
 
 class Trim:
     """One model's magnitude trim as the loops take it: keep |δ| > below at flat indices
-    ≤ cutoff and |δ| > value after it (``ties.magnitude_trim_``); value ≤ 0 keeps all."""
+    ≤ cutoff and |δ| > value after it (``ops.trim.trim_piece_``); value ≤ 0 keeps all."""
 
     def __init__(self, value: float, below: float, cutoff: int | None):
         self.value, self.below = value, below
@@ -123,25 +126,24 @@ class Trim:
 
 
 class Drop:
-    """One model's DARE drop as the loops take it: dare.py's key, and keep_j ⇔ the top 24 bits
-    of z_j < ``threshold`` = floor(d·2^24) (0: drop all; 2^24: keep all)."""
+    """One model's DARE drop as the loops take it: ``ops.drop.mask_key``, and keep_j ⇔ the top
+    24 bits of z_j < ``threshold`` = ``ops.drop.keep_threshold(d)`` (0: drop all; KEEP_ALL: keep
+    all)."""
 
     def __init__(self, key: int, threshold: int):
         self.key, self.threshold = key, threshold
-
-
-KEEP_ALL = 1 << 24
 
 
 def merge_span(out: torch.Tensor, keep: torch.Tensor | None, base: torch.Tensor,
                xs: Sequence[torch.Tensor], span: tuple[int, int], trims: Sequence[Trim | None],
                scales: Sequence[tuple[int, float]], weights: Sequence[float], *,
                consensus: bool, normalize: bool, lam: float) -> None:
-    """out[span] = b + λ·Δ (``task_arithmetic.merge_span``'s torch steps, fused).
+    """out[span] = b + λ·Δ (the torch steps of the task-vector adapter, fused).
 
-    ``trims[i]``: model i's ``Trim`` or ``Drop`` (None: not sparsified); ``scales[i]``: (0, _) none,
-    (1, r) × r ("l1" rescale), (2, d) ÷ d (rescale by density); ``weights[i]`` = w_i.
-    ``keep`` (float32, the tensor's length) receives Δ before λ when given (grid memo)."""
+    ``trims[i]``: model i's ``Trim`` or ``Drop`` (None: not sparsified); ``scales[i]``: its
+    rescale step (mode, value) of ``ops.drop.rescale_`` (SCALE_NONE, SCALE_BY r, SCALE_DIVIDE d);
+    ``weights[i]`` = w_i. ``keep`` (float32, the tensor's length) receives Δ before λ when given
+    (grid memo)."""
     k = _kernels()
     s, e = span
     f32 = np.float32
@@ -157,8 +159,7 @@ def merge_span(out: torch.Tensor, keep: torch.Tensor | None, base: torch.Tensor,
     mode = tuple(np.int64(m) for m, _ in scales)
     scale = tuple(f32(v) for _, v in scales)
     w = tuple(f32(c) for c in weights)
-    total = sum(float(c) for c in weights)
-    norm_div = f32(1.0 if abs(total) < 1e-8 else total)
+    norm_div = f32(plain_denominator(weights))
     keep_r = raw(keep)[s:e] if keep is not None else None
     k.merge(raw(out)[s:e], keep_r, raw(base)[s:e], tuple(raw(x)[s:e] for x in xs), value,
             below, cutoff, keys, thresholds, mode, scale, w, consensus, normalize, norm_div,

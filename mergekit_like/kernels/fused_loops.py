@@ -12,9 +12,17 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from mergekit_like.ops.drop import GOLDEN, MIX1, MIX2, SCALE_BY, SCALE_DIVIDE, U_SHIFT
+
 CHUNK = 512
 """Elements per chunk: the per-model work rows of one chunk stay in L1 cache."""
 _JIT = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False)
+# ops/drop.py's SplitMix64 constants and rescale modes, frozen into the compiled code as uint64 /
+# int64 constants (numba reads module globals at compile time). numba's disk cache is keyed on
+# this file only: a change there is a new mask scheme (ops.drop.SCHEME) and must touch this file.
+_GOLDEN, _MIX1, _MIX2 = np.uint64(GOLDEN), np.uint64(MIX1), np.uint64(MIX2)
+_U_SHIFT = np.uint64(U_SHIFT)
+_SCALE_BY, _SCALE_DIVIDE = np.int64(SCALE_BY), np.int64(SCALE_DIVIDE)
 
 
 @intrinsic
@@ -134,16 +142,16 @@ def _drop(d, keys, thresholds, j, flat):  # pragma: no cover
 
 @overload(_drop, inline="always")
 def _drop_impl(d, keys, thresholds, j, flat):
-    """DARE's keep_j (dare.py: SplitMix64 of key + (j+1)·golden, top 24 bits < floor(d·2^24))
-    times δ; compiled away when ``keys`` is None (no DARE model in the merge)."""
+    """DARE's keep_j (``ops.drop.keep_mask``: SplitMix64 of key + (j+1)·GOLDEN, top 24 bits
+    < floor(d·2^24)) times δ; compiled away when ``keys`` is None (no DARE model in the merge)."""
     if isinstance(keys, types.NoneType):
         return lambda d, keys, thresholds, j, flat: d
 
     def drop(d, keys, thresholds, j, flat):
-        z = keys[j] + np.uint64(flat + 1) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return d * _select((z >> np.uint64(40)) < thresholds[j], np.float32(1), np.float32(0))
+        z = keys[j] + np.uint64(flat + 1) * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        return d * _select((z >> _U_SHIFT) < thresholds[j], np.float32(1), np.float32(0))
     return drop
 
 
@@ -156,7 +164,8 @@ def _weighted(x, i, bb, flat, j, params):
     t = _select(flat <= cutoff[j], below[j], value[j])
     d = _select((value[j] > np.float32(0)) & (d >= -t) & (d <= t), np.float32(0), d)  # hardshrink
     d = _drop(d, keys, thresholds, j, flat)
-    d = _select(mode[j] == 1, d * scale[j], _select(mode[j] == 2, d / scale[j], d))
+    d = _select(mode[j] == _SCALE_BY, d * scale[j],
+                _select(mode[j] == _SCALE_DIVIDE, d / scale[j], d))
     return d * w[j]
 
 

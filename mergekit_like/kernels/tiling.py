@@ -1,4 +1,4 @@
-"""Block and piece iteration shared by the operator files (no merge method here).
+"""Block and piece iteration shared by the method adapters (no merge method here).
 
 The engine hands each operator whole tensors in their stored dtype. Operators walk them with
 ``pieces``: the engine's row blocks (``TensorTask.blocks``), each converted once to the compute
@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
-from mergekit_like.methods.base import TensorTask
+from mergekit_like.tensor_task import TensorTask
 
 PIECE = 1 << 18
 """Target elements per piece (1 MiB of float32): a few passes over it stay in L2 cache."""
@@ -36,14 +36,6 @@ def row_elems(shape: Sequence[int]) -> int:
     for s in shape[1:]:
         n *= s
     return max(1, n)
-
-
-def cast(task: TensorTask, t: torch.Tensor) -> torch.Tensor:
-    """Any slice of an input, rounded as ``TensorTask.load`` rounds it (recipe dtype, then the
-    compute dtype). May return ``t`` itself when no conversion applies: treat as read-only."""
-    if task.load_dtype not in (None, t.dtype, task.compute_dtype):
-        t = t.to(task.load_dtype)
-    return t.to(task.compute_dtype)
 
 
 def pieces(task: TensorTask, tensors: Sequence[torch.Tensor], piece: int | None = None,
@@ -99,9 +91,11 @@ def run_parallel(calls: Sequence[Callable[[], T]], workers: int) -> list[T]:
 
 def _converted(task: TensorTask, part: torch.Tensor, bufs: list[torch.Tensor | None],
                k: int) -> torch.Tensor:
-    """``part`` rounded as ``TensorTask.load`` rounds (recipe dtype, then the compute dtype)."""
-    if task.load_dtype not in (None, part.dtype, task.compute_dtype):
-        part = part.to(task.load_dtype)  # a real rounding step (e.g. float32 stored, dtype bf16)
+    """``part`` as ``TensorTask.cast`` converts it, into the reused buffer ``bufs[k]`` (or
+    ``part`` itself when it already has the compute dtype)."""
+    via = task.load_rounding(part.dtype)
+    if via is not None:
+        part = part.to(via)  # a real rounding step (e.g. float32 stored, dtype bf16)
     if part.dtype == task.compute_dtype:
         return part
     buf = bufs[k]

@@ -169,6 +169,15 @@ def random_drop_(delta: torch.Tensor, offset: int, key: int, density: float,
     return delta.mul_(mask)
 
 
+def l1_norm(delta: torch.Tensor) -> float:
+    """‖δ‖₁ as the "l1" rescale sums it: |δ| in float64 summed per row (a dim-0 slice; each
+    entry of a 0-d/1-d tensor is a row), then exactly over the rows (math.fsum), so any cut of
+    the tensor into whole rows gives the same number."""
+    row = max(1, math.prod(delta.shape[1:])) if delta.dim() >= 2 else 1
+    mag = delta.abs().reshape(-1).to(torch.float64)
+    return math.fsum((mag if row == 1 else mag.view(-1, row).sum(dim=1)).tolist())
+
+
 def l1_factor(full_l1: float, kept_l1: float) -> float:
     """r = ‖δ‖₁ / ‖δ̂‖₁ of the "l1" rescale; 1 when either norm is below L1_EPS."""
     return 1.0 if full_l1 < L1_EPS or kept_l1 < L1_EPS else full_l1 / kept_l1
@@ -182,3 +191,13 @@ def rescale_(delta: torch.Tensor, mode: int, value: float) -> torch.Tensor:
     if mode == SCALE_DIVIDE:
         return delta.div_(value)
     return delta
+
+
+def rescale_step(rescale: bool | str, density: float, l1: float | None = None) -> tuple[int, float]:
+    """The rescale of one sparsified δ̂ as (mode, value) for ``rescale_``: ``"l1"`` → × r
+    (``l1`` = r; none when r = 1), ``true`` → ÷ d, ``false`` → none."""
+    if rescale == "l1":
+        return (SCALE_BY, l1) if l1 != 1.0 else (SCALE_NONE, 1.0)
+    if rescale is True:
+        return SCALE_DIVIDE, density
+    return SCALE_NONE, 1.0

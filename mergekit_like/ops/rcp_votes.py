@@ -1,4 +1,4 @@
-"""RCP-Merging's importance equations (rcp.md §1), as pure functions on tensors.
+"""RCP-Merging's importance equations (docs/methods/rcp.md §1), as pure functions on tensors.
 
 j indexes the scalar weights of one parameter tensor, k the calibration texts. With g^r the
 gradient of the mean token loss of a reasoning text on the reasoning model θ_r and g^t that of
@@ -72,7 +72,7 @@ def add_votes(counter: torch.Tensor, s: torch.Tensor, lam_p: torch.Tensor,
 
 
 def votes_dtype(n_texts: int) -> torch.dtype:
-    """int8 when |v| ≤ K_t ≤ 127, else int16 (rcp.md §3)."""
+    """int8 when |v| ≤ K_t ≤ 127, else int16 (docs/methods/rcp.md §3)."""
     return torch.int8 if n_texts <= 127 else torch.int16
 
 
@@ -83,7 +83,7 @@ def selection(votes: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
 
 def critical_lambda(s: torch.Tensor, p: torch.Tensor, threshold: float = 0.0,
                     zero_grad: str = "merge") -> torch.Tensor:
-    """λ*_j such that m_j(λ) = [λ ≤ λ*_j] (rcp.md §3 sweep mode), from the sensitivities
+    """λ*_j such that m_j(λ) = [λ ≤ λ*_j] (docs/methods/rcp.md §3 sweep mode), from the sensitivities
     ``s`` [K, *shape] of every text and the penalty ``p`` [*shape]; float32.
 
     λ_{j,k} = −S_{j,k}/p_j where p_j > 0, else +∞ if S ≤ 0, else −∞. Under ``keep``, texts with

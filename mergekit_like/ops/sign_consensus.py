@@ -1,4 +1,5 @@
-"""TIES sign election and disjoint merge (Yadav et al., NeurIPS 2023; docs/methods/task_arithmetic.md §1).
+"""TIES sign election and disjoint merge (Yadav et al., NeurIPS 2023;
+docs/methods/task_arithmetic.md §1).
 
 With W_i = w_i·δ̂_i the weighted task vectors of the models that hold the tensor, in model order::
 

@@ -1,4 +1,4 @@
-"""``rcp_approx``: an RCP-style data-free approximation — NOT RCP-Merging (rcp.md §6).
+"""``rcp_approx``: an RCP-style data-free approximation — NOT RCP-Merging (docs/methods/rcp.md §8).
 
 Same roles and base as ``rcp``, no data and no gradients. Per tensor, with mean(·) over the
 tensor and 0/0 := 0::

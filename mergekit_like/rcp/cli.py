@@ -1,4 +1,4 @@
-"""`mergekit-like importance …`: the gradient passes of RCP-Merging (rcp.md §3)."""
+"""`mergekit-like importance …`: the gradient passes of RCP-Merging (docs/methods/rcp.md §3)."""
 
 from __future__ import annotations
 

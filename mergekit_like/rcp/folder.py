@@ -1,4 +1,4 @@
-"""Importance folders (rcp.md §3): safetensors keyed exactly like the model's checkpoint tensors,
+"""Importance folders (docs/methods/rcp.md §3): safetensors keyed exactly like the model's checkpoint tensors,
 sharded with an index when large, ``__metadata__`` (string → string) in the single file or the
 index, and the same information plus per-tensor statistics in ``importance.json``.
 

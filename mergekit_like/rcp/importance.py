@@ -1,4 +1,4 @@
-"""The importance stage of RCP-Merging (rcp.md §3): gradient passes over calibration texts.
+"""The importance stage of RCP-Merging (docs/methods/rcp.md §3): gradient passes over calibration texts.
 
 * ``fisher_pass``: the reasoning model's Fisher prior F on reasoning texts;
 * ``votes_pass``: the domain model's constraint votes v on domain texts, one folder per λ.
@@ -63,7 +63,7 @@ def parse_dtype(name: str, option: str) -> torch.dtype:
 
 
 def model_id(folder: Path) -> dict[str, str]:
-    """A local model's path and the sha256 of its weight files' bytes (rcp.md §3 metadata;
+    """A local model's path and the sha256 of its weight files' bytes (docs/methods/rcp.md §3 metadata;
     fine-tunes of one family share their headers, so a header hash would not tell them apart)."""
     src = LocalSource(Path(folder), str(folder))
     try:
@@ -142,7 +142,7 @@ def _run(loaded, examples, params: dict, on_grad, progress: Progress | None) -> 
 def fisher_pass(model: Path, data: Path, out: Path, *, kind: str = "grad_x_weight_sq",
                 settings: PassSettings, out_dtype: torch.dtype = torch.float32,
                 progress: Progress | None = None) -> Path:
-    """F of ``model`` on the texts of ``data`` (rcp.md §1) into the importance folder ``out``."""
+    """F of ``model`` on the texts of ``data`` (docs/methods/rcp.md §1) into the importance folder ``out``."""
     if kind not in V.FISHER_KINDS:
         raise MergeError(f"--kind {kind!r}: use one of {', '.join(V.FISHER_KINDS)}")
     check_output_apart(Path(out), [("--model", Path(model)), ("--data", Path(data))])
@@ -173,7 +173,47 @@ class VotesResult:
 def votes_pass(model: Path, reasoning: Path, fisher: Path, data: Path, out: Path,
                lambdas: Sequence[float], *, zero_grad: str = "merge", settings: PassSettings,
                progress: Progress | None = None) -> VotesResult:
-    """The domain model's votes v for every λ (rcp.md §1) into ``OUT_<λ>`` folders."""
+    """The domain model's votes v for every λ (docs/methods/rcp.md §1) into ``OUT_<λ>`` folders."""
+    lambdas = _check_votes_request(model, reasoning, fisher, data, out, lambdas,
+                                   zero_grad=zero_grad, overwrite=settings.overwrite)
+    fisher_info = read_info(Path(fisher), f"--fisher {fisher}")
+    if fisher_info["kind"] != "rcp_fisher":
+        raise MergeError(f"--fisher {fisher}: a {fisher_info['kind']} folder, not a Fisher map")
+    loaded, examples = _load(model, settings, data)
+    params = _parameters(loaded, model)
+    votes = _VoteAccumulators.zeros(params, _penalties(params, Path(reasoning), Path(fisher)),
+                                    lambdas, zero_grad, len(examples))
+    k = _run(loaded, examples, params, votes.on_grad, progress)
+    if k != len(examples):
+        votes.counters = {lam: {n: c.to(V.votes_dtype(k)) for n, c in cs.items()}
+                          for lam, cs in votes.counters.items()}
+    base_meta = {"kind": "rcp_votes", "fisher_kind": fisher_info.get("fisher_kind"),
+                 "zero_grad": zero_grad, "n_examples": k, "max_length": settings.max_length,
+                 "dtype": str(V.votes_dtype(k)).replace("torch.", ""),
+                 "models": json.dumps({"domain": model_id(model),
+                                       "reasoning": model_id(reasoning)}),
+                 "data_sha256": file_sha256(Path(data)),
+                 "fisher_sha256": file_sha256(Path(fisher) / "importance.json")}
+    all_s = torch.cat([torch.cat(v) for v in votes.s_samples.values() if v])
+    folders, warnings = [], []
+    for lam in lambdas:
+        info = _votes_info(votes, params, lam, all_s)
+        ratio = info["penalty_ratio"]
+        if ratio is not None and ratio < PENALTY_WARN:
+            warnings.append(f"penalty negligible at λ={lam:g} (median λ·p / median |S| = "
+                            f"{ratio:.1e}); sweep penalty_lambda over decades (1e3…1e12)")
+        meta = {**base_meta, "penalty_lambda": repr(lam)}
+        folders.append(write_importance(votes_folder(out, lam), votes.counters[lam], meta, info,
+                                        overwrite=settings.overwrite,
+                                        shard_size=settings.shard_size))
+    return VotesResult(folders, warnings)
+
+
+def _check_votes_request(model: Path, reasoning: Path, fisher: Path, data: Path, out: Path,
+                         lambdas: Sequence[float], *, zero_grad: str,
+                         overwrite: bool) -> list[float]:
+    """The distinct λs (1000 when none is given), after checking ``zero_grad``, that every λ is
+    ≥ 0 and that each ``OUT_<λ>`` folder is apart from the inputs and may be written."""
     if zero_grad not in V.ZERO_GRAD:
         raise MergeError(f"--zero-grad {zero_grad!r}: use merge or keep")
     lambdas = list(dict.fromkeys(float(x) for x in lambdas)) or [1000.0]
@@ -183,64 +223,67 @@ def votes_pass(model: Path, reasoning: Path, fisher: Path, data: Path, out: Path
         check_output_apart(votes_folder(out, lam), [
             ("--model", Path(model)), ("--reasoning", Path(reasoning)),
             ("--fisher", Path(fisher)), ("--data", Path(data))])
-        refuse_existing(votes_folder(out, lam), settings.overwrite)
-    fisher_info = read_info(Path(fisher), f"--fisher {fisher}")
-    if fisher_info["kind"] != "rcp_fisher":
-        raise MergeError(f"--fisher {fisher}: a {fisher_info['kind']} folder, not a Fisher map")
-    loaded, examples = _load(model, settings, data)
-    params = _parameters(loaded, model)
-    p = _penalties(params, Path(reasoning), Path(fisher))
-    count_dtype = V.votes_dtype(len(examples))
-    counters = {lam: {n: torch.zeros(t.shape, dtype=count_dtype) for n, t in params.items()}
-                for lam in lambdas}
-    touched = {n: torch.zeros(t.shape, dtype=torch.bool) for n, t in params.items()}
-    where = {n: _sample_positions(t.numel()) for n, t in params.items()}
-    s_samples: dict[str, list[torch.Tensor]] = {n: [] for n in params}
+        refuse_existing(votes_folder(out, lam), overwrite)
+    return lambdas
 
-    def on_grad(name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
+
+@dataclass
+class _VoteAccumulators:
+    """What the votes pass gathers per parameter name: the vote counts per λ (``counters``),
+    whether any text gave a nonzero sensitivity (``touched``), and |S| at the sampled positions
+    ``where`` of the first SAMPLE_TEXTS texts (``s_samples``)."""
+
+    penalties: dict[str, torch.Tensor]
+    lambdas: list[float]
+    zero_grad: str
+    counters: dict[float, dict[str, torch.Tensor]]
+    touched: dict[str, torch.Tensor]
+    where: dict[str, torch.Tensor]
+    s_samples: dict[str, list[torch.Tensor]]
+
+    @classmethod
+    def zeros(cls, params: dict[str, torch.nn.Parameter], penalties: dict[str, torch.Tensor],
+              lambdas: list[float], zero_grad: str, n_texts: int) -> _VoteAccumulators:
+        """Empty accumulators for ``params``, counters sized for ``n_texts`` votes."""
+        count_dtype = V.votes_dtype(n_texts)
+        counters = {lam: {n: torch.zeros(t.shape, dtype=count_dtype) for n, t in params.items()}
+                    for lam in lambdas}
+        touched = {n: torch.zeros(t.shape, dtype=torch.bool) for n, t in params.items()}
+        where = {n: _sample_positions(t.numel()) for n, t in params.items()}
+        return cls(penalties, lambdas, zero_grad, counters, touched, where,
+                   {n: [] for n in params})
+
+    def on_grad(self, name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add one text's gradient of parameter ``name``: its votes for every λ, its touched
+        flags and (for the first texts) its sampled |S|."""
         s = V.sensitivity(grad, param.detach()).cpu()
-        for lam in lambdas:
-            V.add_votes(counters[lam][name], s, V.scaled_penalty(p[name], lam), zero_grad)
-        touched[name] |= s != 0
-        if len(s_samples[name]) < SAMPLE_TEXTS:
-            s_samples[name].append(s.view(-1)[where[name]].abs())
+        for lam in self.lambdas:
+            V.add_votes(self.counters[lam][name], s,
+                        V.scaled_penalty(self.penalties[name], lam), self.zero_grad)
+        self.touched[name] |= s != 0
+        if len(self.s_samples[name]) < SAMPLE_TEXTS:
+            self.s_samples[name].append(s.view(-1)[self.where[name]].abs())
 
-    k = _run(loaded, examples, params, on_grad, progress)
-    if k != len(examples):
-        counters = {lam: {n: c.to(V.votes_dtype(k)) for n, c in cs.items()}
-                    for lam, cs in counters.items()}
-    base_meta = {"kind": "rcp_votes", "fisher_kind": fisher_info.get("fisher_kind"),
-                 "zero_grad": zero_grad, "n_examples": k, "max_length": settings.max_length,
-                 "dtype": str(V.votes_dtype(k)).replace("torch.", ""),
-                 "models": json.dumps({"domain": model_id(model),
-                                       "reasoning": model_id(reasoning)}),
-                 "data_sha256": file_sha256(Path(data)),
-                 "fisher_sha256": file_sha256(Path(fisher) / "importance.json")}
-    all_s = torch.cat([torch.cat(v) for v in s_samples.values() if v])
-    folders, warnings = [], []
-    for lam in lambdas:
-        stats, lam_p = {}, []
-        for n in params:
-            sampled_p = V.scaled_penalty(p[n].view(-1)[where[n]], lam)
-            positive = sampled_p[p[n].view(-1)[where[n]] > 0]
-            lam_p.append(positive)
-            stats[n] = {"numel": params[n].numel(),
-                        "selected_fraction": float((counters[lam][n] > 0).float().mean()),
-                        "zero_evidence_fraction": float((~touched[n]).float().mean()),
-                        "median_abs_s": _median(torch.cat(s_samples[n]) if s_samples[n] else None),
-                        "median_lambda_p": _median(positive)}
-        ratio = _ratio(_median(torch.cat(lam_p)), _median(all_s))
-        info = {"penalty_ratio": ratio, "tensors": stats,
-                "selected_fraction": _weighted(stats, "selected_fraction"),
-                "zero_evidence_fraction": _weighted(stats, "zero_evidence_fraction")}
-        if ratio is not None and ratio < PENALTY_WARN:
-            warnings.append(f"penalty negligible at λ={lam:g} (median λ·p / median |S| = "
-                            f"{ratio:.1e}); sweep penalty_lambda over decades (1e3…1e12)")
-        meta = {**base_meta, "penalty_lambda": repr(lam)}
-        folders.append(write_importance(votes_folder(out, lam), counters[lam], meta, info,
-                                        overwrite=settings.overwrite,
-                                        shard_size=settings.shard_size))
-    return VotesResult(folders, warnings)
+
+def _votes_info(votes: _VoteAccumulators, params: dict[str, torch.nn.Parameter], lam: float,
+                all_s: torch.Tensor) -> dict:
+    """The ``importance.json`` info of the λ folder: per-tensor statistics, their
+    numel-weighted fractions and the penalty ratio median λ·p / median |S| (None when
+    undefined)."""
+    stats, lam_p = {}, []
+    for n in params:
+        p = votes.penalties[n].view(-1)[votes.where[n]]
+        positive = V.scaled_penalty(p, lam)[p > 0]
+        lam_p.append(positive)
+        samples = votes.s_samples[n]
+        stats[n] = {"numel": params[n].numel(),
+                    "selected_fraction": float((votes.counters[lam][n] > 0).float().mean()),
+                    "zero_evidence_fraction": float((~votes.touched[n]).float().mean()),
+                    "median_abs_s": _median(torch.cat(samples) if samples else None),
+                    "median_lambda_p": _median(positive)}
+    return {"penalty_ratio": _ratio(_median(torch.cat(lam_p)), _median(all_s)), "tensors": stats,
+            "selected_fraction": _weighted(stats, "selected_fraction"),
+            "zero_evidence_fraction": _weighted(stats, "zero_evidence_fraction")}
 
 
 def _penalties(params: dict, reasoning: Path, fisher: Path) -> dict[str, torch.Tensor]:

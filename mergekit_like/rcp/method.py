@@ -1,4 +1,4 @@
-"""RCP-Merging, "Reasoning Capability as Prior" (Yang et al., AAAI 2026; rcp.md), as
+"""RCP-Merging, "Reasoning Capability as Prior" (Yang et al., AAAI 2026; docs/methods/rcp.md), as
 reconstructed from the official code.
 
 The reasoning model θ_r is the anchor; the domain task vector δ_t = θ_t − θ_pre is added only
@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from mergekit_like.errors import MergeError
-from mergekit_like.methods.base import REQUIRED, Method, MethodSpec, ParamSpec, TensorTask
+from mergekit_like.methods.base import Method, MethodSpec, ParamSpec, REQUIRED, TensorTask
 from mergekit_like.rcp import roles as R
+from mergekit_like.rcp.folder import read_info
 
 VOTE_KINDS = ("rcp_votes",)
 
@@ -118,10 +119,9 @@ class RCP(RoleMethod):
         needs_base=True,
         min_inputs=2,
     )
-    card_title = "RCP-Merging (reconstructed from the official code; rcp.md)"
+    card_title = "RCP-Merging (reconstructed from the official code; docs/methods/rcp.md)"
 
     def check_recipe(self, recipe) -> None:
-        from mergekit_like.rcp.folder import read_info
 
         found = R.check_roles(recipe)
         loc = recipe.locator
@@ -192,7 +192,6 @@ class RCP(RoleMethod):
         return self.merge_blocks(task, mask)
 
     def card_settings(self, plan) -> dict[str, Any]:
-        from mergekit_like.rcp.folder import read_info
 
         info = read_info(Path(_folder(plan)))
         return {"votes": _folder(plan), "texts (K_t)": info.get("n_examples"),
@@ -201,7 +200,6 @@ class RCP(RoleMethod):
                     f"{info.get('zero_evidence_fraction', 0):.2%}"}
 
     def side_files(self, plan, reports):
-        from mergekit_like.rcp.folder import read_info
 
         info = read_info(Path(_folder(plan)))
         params = plan.recipe.resolved()["parameters"]

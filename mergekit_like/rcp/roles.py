@@ -1,5 +1,5 @@
 """What ``rcp`` and ``rcp_approx`` share outside the equations: the roles of the two models
-(rcp.md §2), the per-tensor statistics they report and ``rcp_report.json`` (§7)."""
+(docs/methods/rcp.md §2), the per-tensor statistics they report and ``rcp_report.json`` (§7)."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def _layer_key(k: str) -> tuple[int, int]:
 
 def report(plan, reports: dict[str, dict], header: dict[str, Any],
            warn: bool = False) -> dict[str, Any]:
-    """The content of rcp_report.json; ``warn``: append the base-mismatch warning (rcp.md
+    """The content of rcp_report.json; ``warn``: append the base-mismatch warning (docs/methods/rcp.md
     §5.3) to the plan's warnings."""
     groups = grouped_fractions(reports)
     delta_t = pooled(reports, "abs_delta_domain")

@@ -1,4 +1,4 @@
-"""The YAML recipe (recipe.md): loading with line numbers, schema, model references, parameter
+"""The YAML recipe (docs/recipe.md): loading with line numbers, schema, model references, parameter
 values and layer positions, phase-A validation, and the validated ``Recipe``."""
 
 from mergekit_like.recipe.model import InputModel, Recipe

@@ -1,5 +1,5 @@
 """Parsing one parameter setting and checking the kind and range of every literal leaf
-(phase A of recipe.md §6, used by validate.py for top-level, per-model and sub-recipe values)."""
+(phase A of docs/recipe.md §6, used by validate.py for top-level, per-model and sub-recipe values)."""
 
 from __future__ import annotations
 

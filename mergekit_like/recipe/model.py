@@ -1,4 +1,4 @@
-"""The validated recipe (the result of phase A) and parameter resolution (recipe.md §4)."""
+"""The validated recipe (the result of phase A) and parameter resolution (docs/recipe.md §4)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class Recipe:
 
     @property
     def reference(self) -> ModelRef:
-        """The reference model: base_model if set, else the first model (recipe.md §1)."""
+        """The reference model: base_model if set, else the first model (docs/recipe.md §1)."""
         return self.base if self.base is not None else self.inputs[0].ref
 
     @property

@@ -1,4 +1,4 @@
-"""Parameter values (recipe.md §3) and layer positions.
+"""Parameter values (docs/recipe.md §3) and layer positions.
 
 A setting is parsed once into one of:
 

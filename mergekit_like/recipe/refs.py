@@ -1,4 +1,4 @@
-"""Model references (recipe.md §2).
+"""Model references (docs/recipe.md §2).
 
 String form ``X`` or ``X@rev``:
 1. ``X`` (the whole string, ``@`` included, ``~`` expanded) naming an existing local directory

@@ -1,4 +1,4 @@
-"""The shape of the recipe document (recipe.md §1), as pydantic models.
+"""The shape of the recipe document (docs/recipe.md §1), as pydantic models.
 
 Unknown keys are errors (with a ``difflib`` suggestion) except the documented extension keys.
 mergekit keys the project does not implement yet are refused with a clear message before the

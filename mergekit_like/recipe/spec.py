@@ -15,7 +15,7 @@ REQUIRED: Any = object()
 #   "float":   finite float (bools rejected)           "density": float in [0, 1]
 #   "bool":    bool, no gradients                       "rescale": true | false | "l1"
 #   "choice":  one of ParamSpec.choices (str)           "structured": a map taken as is
-#   "rank":    a fraction in (0, 1], an int ≥ 1 or "full" (twin.md §1)
+#   "rank":    a fraction in (0, 1], an int ≥ 1 or "full" (docs/methods/twin.md §2)
 #   "int":     an integer ≥ 1                           "penalty": a float ≥ 0, .inf allowed
 PARAM_KINDS = ("float", "density", "bool", "rescale", "choice", "structured", "rank", "int",
                "penalty")

@@ -1,4 +1,4 @@
-"""Phase A of recipe.md §6: everything that can be checked from the recipe alone (no I/O besides
+"""Phase A of docs/recipe.md §6: everything that can be checked from the recipe alone (no I/O besides
 reading the file and asking whether local model folders exist).
 
 YAML syntax, the schema, unsupported features, known method, model references and duplicates,
@@ -21,7 +21,8 @@ from mergekit_like.recipe.checker import show as _show
 from mergekit_like.recipe.model import InputModel, Recipe
 from mergekit_like.recipe.params import Scalar, Setting, leaves
 from mergekit_like.recipe.refs import ModelRef, parse_ref
-from mergekit_like.recipe.schema import ENTRY_KEYS, check_document, suggest, unknown_key
+from mergekit_like.recipe.schema import (ENTRY_KEYS, RecipeDoc, check_document, suggest,
+                                         unknown_key)
 from mergekit_like.recipe.spec import REQUIRED, MethodSpec, ParamSpec
 from mergekit_like.recipe.yaml_lines import Locator, load_yaml
 
@@ -44,13 +45,56 @@ def _spec_of(method: Any) -> MethodSpec:
 
 def build_recipe(data: Any, loc: Locator, *, path: Path, text: str, seed: int | None = None,
                  methods: Mapping[str, Any] | None = None) -> Recipe:
-    """Validate a parsed recipe document (with its line map inside ``loc``) into a Recipe."""
+    """Validate a parsed recipe document (with its line map inside ``loc``) into a Recipe.
+
+    The checks run in the order of the steps below; the first failing one raises MergeError.
+    """
     warnings: list[str] = []
     doc = check_document(data, loc)
-
-    # known method
-    get, known = _lookup(methods)
     name = doc.merge_method
+    method = _known_method(name, loc, methods)
+    spec = _spec_of(method)
+    checker = _Checker(spec, loc, warnings)
+    _check_unsupported_features(doc, loc, warnings)
+
+    entries: list[dict] = list(data.get("models") or [])
+    base, refs = _model_refs(doc, entries, method, loc, warnings)
+    tokenizer_source = _tokenizer_source(doc, base, loc, warnings)
+    dtypes = _dtypes(doc, loc)
+
+    _check_base_present(spec, name, base, loc)
+    inputs, base = _input_models(refs, entries, base)
+    if tokenizer_source is not None:  # the input's object for the same model, as for base
+        tokenizer_source = next((m.ref for m in inputs if m.ref.key == tokenizer_source.key),
+                                tokenizer_source)
+    _check_input_counts(spec, name, inputs, base, loc)
+
+    top_params = _top_params(doc, spec, name, checker, loc)
+    _entry_params(inputs, entries, spec, name, checker, loc, warnings)
+    _check_required_params(spec, name, inputs, top_params, loc)
+    _check_trim_scope(spec, top_params, inputs, loc)
+    if doc.seed is not None and doc.seed < 0:
+        raise loc.error(("seed",), f"must be a non-negative integer, got {doc.seed}")
+    _note_pure_sign_consensus(name, spec, top_params, inputs)
+
+    recipe = Recipe(
+        path=path, text=text, display=loc.display, merge_method=name, method=method, spec=spec,
+        base=base, inputs=inputs, dtype=dtypes["dtype"],
+        out_dtype=dtypes["out_dtype"] or dtypes["dtype"], tokenizer_source=tokenizer_source,
+        chat_template=doc.chat_template,
+        seed=seed if seed is not None else (doc.seed if doc.seed is not None else 0),
+        vocab_policy=doc.vocab_policy, on_missing_tensor=doc.on_missing_tensor,
+        on_extra_tensor=doc.on_extra_tensor, warnings=warnings, top_params=top_params,
+        locator=loc, methods=methods)
+    if not isinstance(method, MethodSpec):  # a Method: its own phase-A checks (Method.check_recipe)
+        method.check_recipe(recipe)
+    return recipe
+
+
+def _known_method(name: str, loc: Locator, methods: Mapping[str, Any] | None) -> Any:
+    """The Method or MethodSpec called ``name`` (``merge_method``); an unknown name, or one
+    known but not implemented yet, is a MergeError listing the alternatives."""
+    get, known = _lookup(methods)
     if name not in known:
         raise loc.error(("merge_method",), f"unknown method '{name}'{suggest(name, known)} "
                                            f"(known: {', '.join(known)})")
@@ -59,10 +103,12 @@ def build_recipe(data: Any, loc: Locator, *, path: Path, text: str, seed: int | 
         implemented = [n for n in known if get(n) is not None]
         raise MergeError(f"{loc.at(('merge_method',), '')} merge_method '{name}' is not supported "
                          f"yet (supported: {', '.join(implemented) or 'none'})")
-    spec = _spec_of(method)
-    checker = _Checker(spec, loc, warnings)
+    return method
 
-    # unsupported features with a value-level condition
+
+def _check_unsupported_features(doc: RecipeDoc, loc: Locator, warnings: list[str]) -> None:
+    """Reject the features whose support depends on their value (``chat_template`` other than
+    'auto', ``tokenizer_source: union``); warn what 'auto' does."""
     if doc.chat_template is not None:
         if doc.chat_template != "auto":
             raise loc.error(("chat_template",), f"only 'auto' is supported for now (got "
@@ -73,11 +119,14 @@ def build_recipe(data: Any, loc: Locator, *, path: Path, text: str, seed: int | 
         raise loc.error(("tokenizer_source",), "'union' (a merged vocabulary) is not supported "
                                                "yet; use 'base' or a model reference")
 
-    # model references
+
+def _model_refs(doc: RecipeDoc, entries: list[dict], method: Any, loc: Locator,
+                warnings: list[str]) -> tuple[ModelRef | None, list[ModelRef]]:
+    """(base_model's reference or None, one reference per ``models`` entry); an entry key the
+    method does not know, or a model listed twice, is a MergeError."""
     base = parse_ref(doc.base_model, loc, ("base_model",), warnings) \
         if doc.base_model is not None else None
-    entries: list[dict] = list(data.get("models") or [])
-    entry_keys = tuple(ENTRY_KEYS) + tuple(getattr(method, "entry_keys", ()))
+    entry_keys = tuple(ENTRY_KEYS) + (() if isinstance(method, MethodSpec) else method.entry_keys)
     refs: list[ModelRef] = []
     seen: dict[tuple, int] = {}
     for i, entry in enumerate(entries):
@@ -91,16 +140,26 @@ def build_recipe(data: Any, loc: Locator, *, path: Path, text: str, seed: int | 
                                                     "are not allowed")
         seen[ref.key] = i
         refs.append(ref)
+    return base, refs
 
-    tokenizer_source = None
+
+def _tokenizer_source(doc: RecipeDoc, base: ModelRef | None, loc: Locator,
+                      warnings: list[str]) -> ModelRef | None:
+    """The model named by ``tokenizer_source``; None when it is unset or 'base' (warned about
+    when there is no base_model)."""
     if doc.tokenizer_source == "base":
         if base is None:
             warnings.append(f"{loc.where('tokenizer_source')}: 'base' but there is no base_model; "
                             "the first model's tokenizer is used")
-    elif doc.tokenizer_source is not None:
-        tokenizer_source = parse_ref(doc.tokenizer_source, loc, ("tokenizer_source",), warnings)
+        return None
+    if doc.tokenizer_source is not None:
+        return parse_ref(doc.tokenizer_source, loc, ("tokenizer_source",), warnings)
+    return None
 
-    # dtypes
+
+def _dtypes(doc: RecipeDoc, loc: Locator) -> dict[str, Any]:
+    """``{"dtype": ..., "out_dtype": ...}`` parsed (None where unset); an unknown name is a
+    MergeError listing the supported ones."""
     dtypes = {}
     for key in ("dtype", "out_dtype"):
         raw = getattr(doc, key)
@@ -109,12 +168,22 @@ def build_recipe(data: Any, loc: Locator, *, path: Path, text: str, seed: int | 
             raise loc.error((key,), f"{_show(raw)} is not a supported dtype; use one of "
                                     f"{', '.join(RECIPE_DTYPES)}")
         dtypes[key] = dt
+    return dtypes
 
-    # base and input counts
+
+def _check_base_present(spec: MethodSpec, name: str, base: ModelRef | None,
+                        loc: Locator) -> None:
+    """A method that needs base_model must have one."""
     if spec.needs_base and base is None:
         why = ("t=0 is base_model, t=1 the other model" if name == "slerp"
                else "the model the task vectors are taken against")
         raise loc.error((), f"merge_method '{name}' needs base_model ({why})")
+
+
+def _input_models(refs: list[ModelRef], entries: list[dict],
+                  base: ModelRef | None) -> tuple[list[InputModel], ModelRef | None]:
+    """(the inputs: the listed models, then base_model when it is not listed; the base's
+    reference, the listed entry's object when base_model is also listed under models)."""
     inputs = [InputModel(ref, i, base is not None and ref.key == base.key, {},
                          {k: v for k, v in entries[i].items() if k not in ENTRY_KEYS})
               for i, ref in enumerate(refs)]
@@ -123,9 +192,12 @@ def build_recipe(data: Any, loc: Locator, *, path: Path, text: str, seed: int | 
         base = listed_base.ref  # one object per model, so pinning a sha reaches every use
     elif base is not None:
         inputs.append(InputModel(base, len(entries), True, {}, {}, listed=False))
-    if tokenizer_source is not None:
-        tokenizer_source = next((m.ref for m in inputs if m.ref.key == tokenizer_source.key),
-                                tokenizer_source)
+    return inputs, base
+
+
+def _check_input_counts(spec: MethodSpec, name: str, inputs: list[InputModel],
+                        base: ModelRef | None, loc: Locator) -> None:
+    """The method's exact or minimum number of input models."""
     if spec.exact_inputs is not None and len(inputs) != spec.exact_inputs:
         incl = " (base included)" if base is not None or spec.needs_base else ""
         raise loc.error((), f"{name} takes exactly {spec.exact_inputs} models{incl}, "
@@ -138,21 +210,31 @@ def build_recipe(data: Any, loc: Locator, *, path: Path, text: str, seed: int | 
                                      f"model{'s' if spec.min_inputs != 1 else ''}{besides}, "
                                      f"got {len(counted)}")
 
-    # parameters: names, kinds, ranges
-    known_params = spec.param_names
 
-    def param_spec(key: Any, path: tuple) -> ParamSpec:
-        p = spec.param(key) if isinstance(key, str) else None
-        if p is None:
-            raise unknown_key(loc, path, known_params, f"unknown parameter for method '{name}'")
-        return p
+def _param_spec(spec: MethodSpec, name: str, key: Any, path: tuple, loc: Locator) -> ParamSpec:
+    """The method's parameter called ``key``; an unknown one is a MergeError at ``path``."""
+    p = spec.param(key) if isinstance(key, str) else None
+    if p is None:
+        raise unknown_key(loc, path, spec.param_names, f"unknown parameter for method '{name}'")
+    return p
 
+
+def _top_params(doc: RecipeDoc, spec: MethodSpec, name: str, checker: _Checker,
+                loc: Locator) -> dict[str, Setting]:
+    """The top-level ``parameters``, each name, kind and range checked."""
     top_params: dict[str, Setting] = {}
     for key, raw in (doc.parameters or {}).items():
-        p = param_spec(key, ("parameters", key))
+        p = _param_spec(spec, name, key, ("parameters", key), loc)
         top_params[key] = checker.setting(p, raw, ("parameters", key))
         checker.note_ineffective(p, ("parameters", key))
+    return top_params
 
+
+def _entry_params(inputs: list[InputModel], entries: list[dict], spec: MethodSpec, name: str,
+                  checker: _Checker, loc: Locator, warnings: list[str]) -> None:
+    """Check each listed model's ``parameters`` into its ``entry_params``. A method-wide
+    parameter there, or any on a base_model the method uses only as the base, is warned about
+    and ignored."""
     for inp in inputs:
         if not inp.listed:
             continue
@@ -161,7 +243,7 @@ def build_recipe(data: Any, loc: Locator, *, path: Path, text: str, seed: int | 
         ignored_base: list[str] = []
         for key, raw in raw_params.items():
             ppath = ("models", i, "parameters", key)
-            p = param_spec(key, ppath)
+            p = _param_spec(spec, name, key, ppath, loc)
             if not p.per_model:
                 warnings.append(f"{loc.where(*ppath)}: '{key}' is method-wide; the value under "
                                 f"models[{i}].parameters is ignored; put it under top-level "
@@ -177,7 +259,11 @@ def build_recipe(data: Any, loc: Locator, *, path: Path, text: str, seed: int | 
                             f"ignored: models[{i}] is base_model, which '{name}' uses only as the "
                             "base")
 
-    # required parameters present at some level
+
+def _check_required_params(spec: MethodSpec, name: str, inputs: list[InputModel],
+                           top_params: dict[str, Setting], loc: Locator) -> None:
+    """Every required parameter is set: a per-model one for each input that joins the merge
+    (in its entry or at top level), a method-wide one at top level."""
     for inp in inputs:
         if inp.is_base and not spec.base_joins_inputs:
             continue
@@ -201,27 +287,13 @@ def build_recipe(data: Any, loc: Locator, *, path: Path, text: str, seed: int | 
             raise loc.error((), f"merge_method '{name}' requires '{p.name}' under top-level "
                                 "parameters")
 
-    _check_trim_scope(spec, top_params, inputs, loc)
 
-    if doc.seed is not None and doc.seed < 0:
-        raise loc.error(("seed",), f"must be a non-negative integer, got {doc.seed}")
+def _note_pure_sign_consensus(name: str, spec: MethodSpec, top_params: dict[str, Setting],
+                              inputs: list[InputModel]) -> None:
+    """Log that a ties merge without any density does no trimming."""
     if name == "ties" and spec.param("density") is not None and "density" not in top_params \
             and not any("density" in m.entry_params for m in inputs):
         log.info("ties without density: a pure sign-consensus merge (no trimming)")
-
-    recipe = Recipe(
-        path=path, text=text, display=loc.display, merge_method=name, method=method, spec=spec,
-        base=base, inputs=inputs, dtype=dtypes["dtype"],
-        out_dtype=dtypes["out_dtype"] or dtypes["dtype"], tokenizer_source=tokenizer_source,
-        chat_template=doc.chat_template,
-        seed=seed if seed is not None else (doc.seed if doc.seed is not None else 0),
-        vocab_policy=doc.vocab_policy, on_missing_tensor=doc.on_missing_tensor,
-        on_extra_tensor=doc.on_extra_tensor, warnings=warnings, top_params=top_params,
-        locator=loc, methods=methods)
-    hook = getattr(method, "check_recipe", None)
-    if callable(hook):  # a method's own phase-A checks (raise MergeError / append warnings)
-        hook(recipe)
-    return recipe
 
 
 def check_method_params(spec: MethodSpec, raw: Mapping, loc: Locator, path: tuple,
@@ -243,7 +315,7 @@ def check_method_params(spec: MethodSpec, raw: Mapping, loc: Locator, path: tupl
 
 def _check_trim_scope(spec: MethodSpec, top: dict[str, Setting], inputs: list[InputModel],
                       loc: Locator) -> None:
-    """With ``trim_scope: model``, density must be a plain scalar per model (recipe.md §5)."""
+    """With ``trim_scope: model``, density must be a plain scalar per model (docs/recipe.md §5)."""
     if spec.param("trim_scope") is None:
         return
     ts = top.get("trim_scope")
@@ -313,7 +385,7 @@ def read_text_file(path: str | Path, kind: str) -> str:
 
 def load_recipe(path: str | Path, *, seed: int | None = None,
                 methods: Mapping[str, Any] | None = None) -> Recipe:
-    """Read and validate a recipe file (phase A of recipe.md §6); raises MergeError.
+    """Read and validate a recipe file (phase A of docs/recipe.md §6); raises MergeError.
 
     ``seed`` (the CLI's ``--seed``) overrides the recipe's ``seed``. ``methods`` maps method
     names to Method instances or MethodSpecs (None: not implemented yet) in place of the registry.

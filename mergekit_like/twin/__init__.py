@@ -1,1 +1,1 @@
-"""Twin-Merging (twin.md): the bundle format, materialize, and the router."""
+"""Twin-Merging (docs/methods/twin.md): the bundle format, materialize, and the router."""

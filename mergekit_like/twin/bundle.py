@@ -1,4 +1,4 @@
-"""The Twin bundle on disk (twin.md §4): reading it, and checking it (``verify``).
+"""The Twin bundle on disk (docs/methods/twin.md §5): reading it, and checking it (``verify``).
 
 ```
 OUT/                              the shared model, a standard HF checkpoint
@@ -24,6 +24,7 @@ import torch
 
 from mergekit_like.errors import MergeError
 from mergekit_like.io.local import LocalSource
+from mergekit_like.io.verify import verify_weights
 
 BUNDLE_DIR = "twin"
 INFO_FILE = "twin.json"
@@ -194,7 +195,6 @@ def verify_bundle(root: Path, *, read_data: bool = True, allow_nonfinite: bool =
     """``verify`` of a bundle's ``twin/`` folder: twin.json, every task's weights (as the main
     model's), their names and shapes against twin.json, and the router file when recorded.
     Returns {"tasks": [...], "factor_bytes": {task: bytes}}."""
-    from mergekit_like.io.verify import verify_weights
 
     root = Path(root)
     info = read_info(root)

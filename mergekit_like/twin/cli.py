@@ -1,4 +1,4 @@
-"""`mergekit-like twin …`: commands on Twin bundles (twin.md §5)."""
+"""`mergekit-like twin …`: commands on Twin bundles (docs/methods/twin.md §6)."""
 
 from __future__ import annotations
 

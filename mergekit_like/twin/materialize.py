@@ -1,4 +1,4 @@
-"""`twin materialize` (twin.md §5): a standard checkpoint from a Twin bundle and task weights.
+"""`twin materialize` (docs/methods/twin.md §6): a standard checkpoint from a Twin bundle and task weights.
 
 For every tensor of the shared model ``s`` (shape S, stored dtype D), with one real weight
 ``w_t`` per bundle task t (tasks with w_t = 0 are not read):

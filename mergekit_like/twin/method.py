@@ -1,4 +1,4 @@
-"""Twin-Merging (Lu et al., NeurIPS 2024; twin.md): a shared model plus, per task, a truncated-SVD
+"""Twin-Merging (Lu et al., NeurIPS 2024; docs/methods/twin.md): a shared model plus, per task, a truncated-SVD
 exclusive part.
 
 Per tensor, with b the base, x_t the fine-tune of task t (t = 1..T)::
@@ -16,98 +16,30 @@ per-tensor kinds, ranks and energies to ``twin/twin.json`` (the bundle of twin/b
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from mergekit_like.errors import MergeError
+from mergekit_like.recipe.params import NO_VALUE, evaluate, layer_index, parse_setting
+from mergekit_like.twin.bundle import verify_bundle
+from mergekit_like.twin.recipe import card_extra, check_twin_recipe, twin_json
 from mergekit_like.methods.base import (REQUIRED, Method, MethodSpec, OutputSpec, ParamSpec,
                                         TensorTask, output_key)
-from mergekit_like.recipe.params import NO_VALUE, evaluate, layer_index, parse_setting
+from mergekit_like.ops.svd import factorize, rank_for, svd_seed
 from mergekit_like.twin.bundle import (BUNDLE_DIR, FACTOR_STEM, INFO_FILE, SUFFIX_A, SUFFIX_B,
                                        SUFFIX_DELTA)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARED = {"merge_method": "task_arithmetic", "parameters": {"lambda": 0.3}}
-EXACT_MAX_DIM = 1024
-LOWRANK_OVERSAMPLE, LOWRANK_ITERS = 16, 4
 VOCAB_MARKERS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out")
 
 
-# ---- the equations ----------------------------------------------------------------------------
-
-def rank_for(rank: float | int, m: int, n: int) -> int:
-    """A fraction in (0, 1] → max(1, ⌊rank·min(m, n)⌋); an int ≥ 1 → itself, capped at min(m, n)."""
-    full = min(m, n)
-    if isinstance(rank, int):
-        return min(rank, full)
-    return max(1, math.floor(rank * full))
-
-
-def exact_svd(v: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-r triplets of v [m, n] by thin SVD: U [m, r], σ [r], Vᵀ [r, n]."""
-    u, sig, vh = torch.linalg.svd(v, full_matrices=False)
-    return u[:, :r], sig[:r], vh[:r]
-
-
-def randomized_svd(v: torch.Tensor, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                   torch.Tensor]:
-    """Top-r triplets by ``torch.svd_lowrank`` (q = r + 16, 4 power iterations) under a forked
-    RNG seeded with ``seed``: reproducible whatever ran before."""
-    q = min(r + LOWRANK_OVERSAMPLE, *v.shape)
-    devices = [v.device] if v.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        u, sig, vv = torch.svd_lowrank(v, q=q, niter=LOWRANK_ITERS)
-    return u[:, :r], sig[:r], vv[:, :r].T
-
-
-def truncated_svd(v: torch.Tensor, r: int, mode: str, seed: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
-    """(U, σ, Vᵀ, how) for v [m, n] float32/64. ``mode`` auto | exact | lowrank (auto: exact when
-    min(m, n) ≤ 1024 or r > min(m, n)/4). On a convergence error or non-finite output: exact
-    SVD on CPU in float64, then randomized in float64, else a MergeError (caller names it)."""
-    small = min(v.shape)
-    first = mode if mode != "auto" else \
-        ("exact" if small <= EXACT_MAX_DIM or r > small / 4 else "lowrank")
-    attempts: list[tuple[str, Callable]] = [
-        (first, lambda: exact_svd(v, r) if first == "exact" else randomized_svd(v, r, seed)),
-        ("exact-float64-cpu", lambda: exact_svd(v.double().cpu(), r)),
-        ("lowrank-float64", lambda: randomized_svd(v.double().cpu(), r, seed)),
-    ]
-    for how, attempt in attempts:
-        try:
-            u, sig, vh = attempt()
-        except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
-            continue
-        if all(bool(torch.isfinite(t).all()) for t in (u, sig, vh)):
-            return u.to(v.dtype).to(v.device), sig.to(v.dtype).to(v.device), \
-                vh.to(v.dtype).to(v.device), how
-    raise MergeError("SVD failed (exact, float64 and randomized)")
-
-
-def factorize(v: torch.Tensor, r: int, mode: str, seed: int
-              ) -> tuple[torch.Tensor, torch.Tensor, float, str]:
-    """v [m, n] ≈ A @ B with A = U diag(σ) [m, r], B = Vᵀ [r, n]; returns (A, B, energy, how)."""
-    u, sig, vh, how = truncated_svd(v, r, mode, seed)
-    total = float(torch.linalg.vector_norm(v.double()) ** 2)
-    kept = float((sig.double() ** 2).sum())
-    energy = 1.0 if total == 0.0 else min(1.0, kept / total)
-    return u * sig, vh, energy, how
-
-
-def svd_seed(seed: int, tensor: str, task: str) -> int:
-    """The forked RNG seed of one (tensor, task): independent of processing order."""
-    digest = hashlib.sha256(f"{seed}\0{tensor}\0{task}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-# ---- which tensors get exclusive parts (twin.md §2) ---------------------------------------------
+# ---- which tensors get exclusive parts (docs/methods/twin.md §3) ---------------------------------------------
 
 def part_kind(name: str, shape: tuple[int, ...], params: dict[str, Any]) -> str:
     """lowrank | dense | shared_only for a floating tensor."""
@@ -149,7 +81,6 @@ class Twin(Method):
     def check_output(self, folder, *, read_data=True, allow_nonfinite=False):
         from pathlib import Path
 
-        from mergekit_like.twin.bundle import verify_bundle
         if not (Path(folder) / BUNDLE_DIR).exists():
             return None
         return verify_bundle(folder, read_data=read_data, allow_nonfinite=allow_nonfinite)
@@ -161,7 +92,6 @@ class Twin(Method):
 
     # -- phase A
     def check_recipe(self, recipe) -> None:
-        from mergekit_like.twin.recipe import check_twin_recipe
         check_twin_recipe(recipe)
         self._operators.update({name: m for name, m in recipe.methods.items()
                                 if isinstance(m, Method)})
@@ -253,10 +183,8 @@ class Twin(Method):
 
     # -- side files
     def side_files(self, plan, reports: dict[str, dict]) -> dict[str, str]:
-        from mergekit_like.twin.recipe import twin_json
         return {f"{BUNDLE_DIR}/{INFO_FILE}": twin_json(plan, reports)}
 
     def card_extra(self, plan, reports: dict[str, dict]) -> dict[str, Any]:
-        from mergekit_like.twin.recipe import card_extra
         return card_extra(plan, reports)
 

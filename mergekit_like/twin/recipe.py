@@ -1,4 +1,4 @@
-"""Twin's recipe checks (phase A, twin.md §1) and its bundle description ``twin.json`` (§4)."""
+"""Twin's recipe checks (phase A, docs/methods/twin.md §2) and its bundle description ``twin.json`` (§4)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import math
 from typing import Any
 
 from mergekit_like.dtypes import TORCH_TO_NAME
+from mergekit_like.recipe.params import Structured
+from mergekit_like.recipe.validate import check_method_params
 from mergekit_like.twin.bundle import BUNDLE_DIR, FACTOR_LAYOUT, FORMAT, FORMAT_VERSION, TASK_NAME
 
 SHARED_KEYS = ("merge_method", "parameters")
@@ -45,8 +47,6 @@ def check_task_names(recipe) -> None:
 
 
 def _check_shared(recipe) -> None:
-    from mergekit_like.recipe.params import Structured
-    from mergekit_like.recipe.validate import check_method_params
 
     setting = recipe.top_params.get("shared")
     doc = setting.value if isinstance(setting, Structured) else \
@@ -88,7 +88,7 @@ def resolved_shared(recipe) -> dict[str, Any]:
 
 
 def twin_json(plan, reports: dict[str, dict]) -> str:
-    """The bundle description of twin.md §4 (format version 1) as JSON text."""
+    """The bundle description of docs/methods/twin.md §5 (format version 1) as JSON text."""
     recipe = plan.recipe
     resolved = recipe.resolved()["parameters"]
     tasks = [inp.extra["name"] for inp in plan.inputs if not inp.is_base]

@@ -1,4 +1,4 @@
-"""The Twin router (twin.md §6): the network, its features, its training, and its file.
+"""The Twin router (docs/methods/twin.md §7): the network, its features, its training, and its file.
 
 * ``TwinRouter(d, T)``: ``Linear(d, h) → BatchNorm1d → LeakyReLU → Dropout(0.5) → Linear(h, h)
   → BatchNorm1d → LeakyReLU → Dropout(0.5) → Linear(h, T)``, h = min(2d, 1024). Input: features

@@ -1,4 +1,4 @@
-"""Routed inference on a Twin bundle (twin.md §7): the shared model plus per-sample low-rank
+"""Routed inference on a Twin bundle (docs/methods/twin.md §8): the shared model plus per-sample low-rank
 corrections, mixed by the router.
 
 ``load_twin(bundle)`` loads the shared model and wraps every module that has exclusive parts:
@@ -33,6 +33,8 @@ from mergekit_like.errors import MergeError
 from mergekit_like.runtime.cache import cache_keyword, cache_length, pop_cache
 from mergekit_like.runtime.hooks import replace_modules
 from mergekit_like.runtime.model import LoadedModel, load_model
+from mergekit_like.twin.bundle import TwinBundle
+from mergekit_like.twin.router import load_router, mean_features
 
 Weights = torch.Tensor | Sequence[float] | Mapping[str, float]
 
@@ -207,7 +209,6 @@ class TwinModel(nn.Module):
     def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Pass 1: w = softmax(router(mean_features(shared model))), [B, T] float32."""
-        from mergekit_like.twin.router import mean_features
 
         if self.router is None:
             raise MergeError("bundle has no router; run train-router or pass weights")
@@ -248,8 +249,6 @@ def load_twin(bundle: str | Path, device: str | None = "auto",
     ``device``) and its router when ``twin/router.safetensors`` exists; a LoadedModel whose
     ``model`` is a ``TwinModel`` in eval mode. An exclusive tensor the runtime cannot apply is a
     MergeError naming it."""
-    from mergekit_like.twin.bundle import TwinBundle
-    from mergekit_like.twin.router import load_router
 
     dtype = dtype or torch.float32
     with TwinBundle(bundle) as tb:

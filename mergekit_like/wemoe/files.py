@@ -1,4 +1,4 @@
-"""WEMoE's plan checks (supported layouts, wemoe.md §1) and its side files (§4): the config with
+"""WEMoE's plan checks (supported layouts, docs/methods/wemoe.md §2) and its side files (§4): the config with
 its own architecture name and ``auto_map``, and the modeling code copied into the output."""
 
 from __future__ import annotations

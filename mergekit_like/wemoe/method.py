@@ -1,4 +1,4 @@
-"""WEMoE: weight-ensembling mixture-of-experts upscaling (Tang et al., ICML 2024; wemoe.md).
+"""WEMoE: weight-ensembling mixture-of-experts upscaling (Tang et al., ICML 2024; docs/methods/wemoe.md).
 
 Every tensor outside the transformer-block MLPs is merged by task arithmetic,
 θ0 + λ·Σ_t w_t·τ_t with τ_t = θ_t − θ0. Every block MLP becomes a module holding the pre-trained
@@ -15,16 +15,18 @@ merge with the same λ. This file writes the tensors; the module lives in ``wemo
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import replace
 from typing import Any
 
 import torch
 
-from mergekit_like.wemoe.files import MLP_TENSOR, card_extra, check_layout, expert_storage, side_files
-from mergekit_like.methods.base import Method, MethodSpec, OutputSpec, ParamSpec, TensorTask
+from mergekit_like.methods.base import (Method, MethodSpec, OutputSpec, ParamSpec, TensorTask, output_key)
 from mergekit_like.methods.task_arithmetic import TaskArithmetic
-from mergekit_like.twin.method import factorize, rank_for, svd_seed
+from mergekit_like.recipe.params import leaves
+from mergekit_like.ops.svd import factorize, rank_for, svd_seed
+from mergekit_like.ops.trim import trim_count
+from mergekit_like.twin.recipe import check_task_names
+from mergekit_like.wemoe.files import (MLP_TENSOR, card_extra, check_layout, expert_storage, side_files)
 
 ROUTER_GROUP = "router"
 ROUTER_INIT_STD = 0.01
@@ -34,10 +36,10 @@ INDEX_DTYPE_LIMIT = 2 ** 31
 # ---- the equations ----------------------------------------------------------------------------
 
 def top_k_sparse(tau: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k = max(1, ⌊density·numel⌋) entries of largest |τ| (no rescaling): (values [k],
+    """The k = trim_count(density, numel) entries of largest |τ| (no rescaling): (values [k],
     flat row-major indices [k] ascending, int64)."""
     flat = tau.reshape(-1)
-    k = max(1, math.floor(density * flat.numel()))
+    k = trim_count(density, flat.numel())
     idx = torch.topk(flat.abs(), k, sorted=False).indices.sort().values
     return flat[idx], idx
 
@@ -76,8 +78,6 @@ class WEMoE(Method):
     card_title = "WEMoE upscaled model"
 
     def check_recipe(self, recipe) -> None:
-        from mergekit_like.twin.recipe import check_task_names
-        from mergekit_like.recipe.params import leaves
 
         check_task_names(recipe)
         density, rank = (recipe.top_params.get(k) for k in ("expert_density", "expert_rank"))
@@ -106,7 +106,7 @@ class WEMoE(Method):
             if storage == "dense":
                 outputs.append(OutputSpec(f"{experts}.weight", (n_tasks, out_f, in_f), dtype))
             elif storage == "sparse":
-                k = max(1, math.floor(params["expert_density"] * (out_f * in_f)))
+                k = trim_count(params["expert_density"], out_f * in_f)
                 idx_dtype = torch.int64 if out_f * in_f >= INDEX_DTYPE_LIMIT else torch.int32
                 outputs += [OutputSpec(f"{experts}.weight_values", (n_tasks, k), dtype),
                             OutputSpec(f"{experts}.weight_indices", (n_tasks, k), idx_dtype)]
@@ -157,7 +157,6 @@ class WEMoE(Method):
     @staticmethod
     def _keyed(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Router tensors live in their own group (engine keys ``router:<name>``)."""
-        from mergekit_like.methods.base import output_key
         return {output_key(k, ROUTER_GROUP) if ".router." in k else k: v for k, v in out.items()}
 
     def _ta_task(self, task: TensorTask) -> TensorTask:

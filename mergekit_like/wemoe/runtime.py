@@ -1,4 +1,4 @@
-"""Loading a WEMoE output folder (wemoe.md §4) with the installed package's classes, no remote code.
+"""Loading a WEMoE output folder (docs/methods/wemoe.md §3) with the installed package's classes, no remote code.
 
 * ``is_wemoe(path)``: the folder's config.json has ``model_type: "wemoe"``.
 * ``load_wemoe(path, device="auto", dtype=torch.float32) -> LoadedModel``: the

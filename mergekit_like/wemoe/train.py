@@ -1,4 +1,4 @@
-"""`train-router` for a WEMoE folder (wemoe.md §5): test-time entropy minimisation of the routers.
+"""`train-router` for a WEMoE folder (docs/methods/wemoe.md §5): test-time entropy minimisation of the routers.
 
 Objective, for a right-padded batch ids, mask [B, N] (mask 1 = real token) and logits [B, N, V]:
 
@@ -14,7 +14,6 @@ routers) and every ``eval_every`` steps; ``keep="best"`` restores the lowest. Th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -27,12 +26,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
+from mergekit_like.device import resolve_device
 from mergekit_like.errors import MergeError
-from mergekit_like.io.manifest import update_manifest
+from mergekit_like.io.manifest import file_entry, update_manifest
 from mergekit_like.runtime.data import Example, check_token_ids, pad_batch, read_examples
 from mergekit_like.runtime.evaluate import evaluate_perplexity
 from mergekit_like.runtime.hooks import enable_checkpointing
 from mergekit_like.runtime.metrics import next_token_entropy
+from mergekit_like.runtime.model import _load_tokenizer, require_transformers
+from mergekit_like.wemoe.method import init_router
+from mergekit_like.wemoe.runtime import is_wemoe, load_wemoe
 
 ROUTER_FILE = "router.safetensors"
 ENTROPY_CHUNK = 512
@@ -44,7 +47,7 @@ EVAL_BATCH = 8
 
 @dataclass
 class WemoeTrainSettings:
-    """The command's options (wemoe.md §5); ``keep`` None = best with val data, else last."""
+    """The command's options (docs/methods/wemoe.md §5); ``keep`` None = best with val data, else last."""
 
     lr: float = 1e-4
     steps: int = 500
@@ -94,9 +97,6 @@ def train_wemoe_router(root: Path, data: Path, settings: WemoeTrainSettings, *,
                        console=None) -> WemoeTrainResult:
     """Train the routers of the WEMoE folder ``root`` on ``data`` and save them (see module doc).
     Options, folder and data files are all checked before the model is loaded."""
-    from mergekit_like.device import resolve_device
-    from mergekit_like.runtime.model import _load_tokenizer, require_transformers
-    from mergekit_like.wemoe.runtime import load_wemoe
 
     root, keep = Path(root), settings.resolved_keep(val_data is not None)
     resolve_device(device)
@@ -253,12 +253,11 @@ def router_parameters(model, root: Path) -> dict[str, torch.nn.Parameter]:
 
 def initial_routers(root: Path, config: dict,
                     shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """The merge's router init (wemoe.md §2, ``methods.wemoe.init_router``): fc1.weight ~
+    """The merge's router init (docs/methods/wemoe.md §1, ``methods.wemoe.init_router``): fc1.weight ~
     N(0, 0.01²) from a generator seeded by (seed, layer), fc1.bias 0, fc2.weight 0,
     fc2.bias λ·w_t, so the model equals task arithmetic again. λ comes from config.json; the
     recipe seed and the per-model weights from ``wemoe.seed``/``wemoe.weights`` when recorded,
     else from the recipe copy mergekit_config.yml (seed 0 and weight 1.0 when absent)."""
-    from mergekit_like.wemoe.method import init_router
 
     block = config["wemoe"]
     seed, weights = _init_seed_weights(root, block)
@@ -320,8 +319,7 @@ def save_routers(root: Path, routers: dict[str, torch.Tensor], metadata: dict[st
 def _metadata(data: Path, s: WemoeTrainSettings, r: WemoeTrainResult) -> dict[str, str]:
     """This run's router-file metadata (strings): state, steps, lr, data sha256, entropies, best
     perplexity ("null" without held-out data). An unrecorded start state is "init"."""
-    with Path(data).open("rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    digest = file_entry(Path(data))["sha256"]
     best = "null" if r.best_perplexity is None else repr(r.best_perplexity)
     return {"format": "pt", "state": "trained" if r.kept_step else r.start_state,
             "steps": str(r.steps), "kept_step": str(r.kept_step), "lr": repr(s.lr),
@@ -332,7 +330,6 @@ def _metadata(data: Path, s: WemoeTrainSettings, r: WemoeTrainResult) -> dict[st
 
 
 def _wemoe_config(root: Path) -> dict:
-    from mergekit_like.wemoe.runtime import is_wemoe
 
     if not is_wemoe(root):
         raise MergeError(f"{root}: not a WEMoE folder (config.json model_type is not 'wemoe')")

@@ -1,4 +1,4 @@
-"""The reasoning/domain table of the quality suite (rcp.md; issue "RCP"): the zoo's reasoning
+"""The reasoning/domain table of the quality suite (docs/methods/rcp.md; issue "RCP"): the zoo's reasoning
 fine-tune (``chain``) merged with its domain fine-tune (``cipher``) by task arithmetic, TIES,
 RCP-Merging and the data-free ``rcp_approx``, each tuned on the validation split.
 

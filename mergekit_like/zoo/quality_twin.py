@@ -1,4 +1,4 @@
-"""Twin-Merging rows of the quality table (twin.md): the bundle of the merged fine-tunes at rank
+"""Twin-Merging rows of the quality table (docs/methods/twin.md): the bundle of the merged fine-tunes at rank
 0.1, scored with the oracle task id (each task's examples on ``twin materialize --task``), and
 routed (a router trained on the merged tasks' validation prompts, applied per example)."""
 

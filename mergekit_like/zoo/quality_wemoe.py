@@ -1,4 +1,4 @@
-"""WEMoE rows of the quality table (wemoe.md): the upscaled merge of the merged fine-tunes with
+"""WEMoE rows of the quality table (docs/methods/wemoe.md): the upscaled merge of the merged fine-tunes with
 untrained routers (exactly task arithmetic at λ), and after ``train-router`` on the merged
 tasks' validation texts without their labels (entropy minimisation)."""
 

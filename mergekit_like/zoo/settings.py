@@ -1,6 +1,6 @@
 """What a zoo is built with: model size, training runs, split sizes, seed; and the two presets.
 
-``FULL`` is the zoo of the README's quality table (a few minutes on two CPU cores); ``FAST`` the
+``FULL`` is the zoo of docs/quality.md's tables (a few minutes on two CPU cores); ``FAST`` the
 smallest one that still shows every fine-tune clearly ahead of the base (for CI, under a minute).
 """
 

@@ -1,4 +1,4 @@
-"""Grid expansion (grid.md §1–2, §7 partition; tests §10 items 1, 2 and 7): counts and order,
+"""Grid expansion (docs/grid.md §1–2, §7 partition; tests §10 items 1, 2 and 7): counts and order,
 zip, exclude, paths, errors, duplicates, ids, labels, strict/non-strict, partition.
 
 Pure and fast: models are Hub-style ids (phase A never touches the network)."""

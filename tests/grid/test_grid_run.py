@@ -235,8 +235,8 @@ def test_ties_points_of_a_pass_share_thresholds(family, tmp_path, capsys, monkey
     monkeypatch.setattr(ties.MagnitudeTrim, "__init__", counting)
     from mergekit_like.methods import task_arithmetic as ta
     deltas: list[int] = []
-    real_delta = ta.merged_delta
-    monkeypatch.setattr(ta, "merged_delta", lambda *a, **k: deltas.append(1) or real_delta(*a, **k))
+    real_delta = ta.merged_delta_
+    monkeypatch.setattr(ta, "merged_delta_", lambda *a, **k: deltas.append(1) or real_delta(*a, **k))
     path = grid_file(tmp_path, family, grid={"parameters.lambda": [0.5, 0.8, 1.0]}, zip=None)
     code, _, err = run_cli(["grid", path, tmp_path / "root"], capsys)
     assert code == 0, err

@@ -1,5 +1,5 @@
 """The output folder (lock, free space, resume, atomic finalize) and side files
-(safetensors_io.md §5, §6, §8, §9; hub.md §4)."""
+(docs/output_format.md §5, §6, §8, §9; docs/hub.md §4)."""
 
 from __future__ import annotations
 

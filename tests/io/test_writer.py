@@ -1,4 +1,4 @@
-"""Shard planning, the streaming shard writer and the async writer (safetensors_io.md §3–§4)."""
+"""Shard planning, the streaming shard writer and the async writer (docs/output_format.md §3–§4)."""
 
 from __future__ import annotations
 

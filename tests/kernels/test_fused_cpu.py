@@ -1,4 +1,4 @@
-"""The fused CPU loops (methods/fused_cpu.py) give the torch path's bits.
+"""The fused CPU loops (kernels/fused_cpu.py) give the torch path's bits.
 
 Each case runs the same TensorTask twice, with MERGEKIT_LIKE_FUSED=0 (the torch functions that
 define the math) and =1, and compares outputs bit for bit (float bits, so −0.0 ≠ +0.0), after
@@ -13,11 +13,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from support.helpers import plan_params
+
 from mergekit_like.kernels import fused_cpu
-from mergekit_like.registry import get_method
-from mergekit_like.methods import ties as T
-from mergekit_like.methods.base import REQUIRED, TensorTask
+from mergekit_like.kernels import kth_largest as K
 from mergekit_like.kernels.tiling import Scratch
+from mergekit_like.methods import ties as T
+from mergekit_like.methods.base import TensorTask
+from mergekit_like.ops import drop
+from mergekit_like.ops.trim import next_float, trim_count
+from mergekit_like.registry import get_method
 
 BF16, F32 = torch.bfloat16, torch.float32
 
@@ -46,13 +51,7 @@ def family(shape, n_models, seed, dtype=BF16, base_dtype=None, zeros=0.3, scale=
 def make_task(method, base, xs, model_params, params, *, out_dtype=BF16, workers=1, memo=None,
               finite=True):
     m = get_method(method)
-    full = {p.name: p.default for p in m.spec.params if not p.per_model and p.default is not REQUIRED}
-    full.update(params)
-    per_model = []
-    for mp in model_params:
-        d = {p.name: p.default for p in m.spec.params if p.per_model and p.default is not REQUIRED}
-        d.update(mp)
-        per_model.append(d)
+    full, per_model = plan_params(m, params, model_params)
     return m, TensorTask(
         name="model.layers.0.mlp.up_proj.weight", shape=tuple(base.shape), out_dtype=out_dtype,
         compute_dtype=F32, load_dtype=None, base=base, inputs=list(xs),
@@ -152,12 +151,12 @@ def test_fused_scan_finds_the_same_threshold(monkeypatch, dtype, density, zeros)
     assert spy.calls["scan_abs_delta"] >= 3
     assert found[0] == found[1]
     d = (x.float() - base.float()).abs()
-    assert found[1][0] == float(torch.topk(d, T.trim_count(density, d.numel())).values[-1])
+    assert found[1][0] == float(torch.topk(d, trim_count(density, d.numel())).values[-1])
 
 
 def test_fused_scan_counts_open_and_closed_ends():
-    """scan_abs_delta returns what ties._scan_pass returns over the same span, for brackets with
-    open ends (counted atoms), closed ends, no collection and a lower end below zero."""
+    """scan_abs_delta returns what kth_largest.scan_pass returns over the same span, for brackets
+    with open ends (counted atoms), closed ends, no collection and a lower end below zero."""
     base, (x,) = family((70_001,), 1, seed=3)
     a = (x.float() - base.float()).abs()
     vals = torch.unique(a)
@@ -168,10 +167,10 @@ def test_fused_scan_counts_open_and_closed_ends():
         def pieces():
             for s in range(span[0], span[1], 4099):
                 yield s, a[s:min(s + 4099, span[1])].clone()
-        return T._scan_pass(pieces, None, *args)
+        return K.scan_pass(pieces, None, *args)
 
     for args in [(mid, nxt, mid, nxt, False, False, True),
-                 (mid, nxt, T._next(mid, 1.0, F32), T._next(nxt, 0.0, F32), True, True, True),
+                 (mid, nxt, next_float(mid, 1.0, F32), next_float(nxt, 0.0, F32), True, True, True),
                  (-float("inf"), mid, -float("inf"), mid, False, False, True),
                  (mid, float("inf"), mid, float("inf"), False, False, True),
                  (mid, nxt, mid, nxt, True, True, False),
@@ -214,13 +213,11 @@ def test_torch_path_when_fused_loops_do_not_apply(monkeypatch):
 
 def test_fused_drop_at_the_exact_threshold(monkeypatch):
     """An entry whose 24-bit draw equals floor(d·2^24) is dropped (keep ⇔ u < threshold)."""
-    from mergekit_like.methods import dare
-
     base, (x,) = family((1000,), 1, seed=8, zeros=0.0)
-    key = dare.mask_key(0, 0, "model.layers.0.mlp.up_proj.weight")
-    u = (int(dare.splitmix64(key, 0, 1)[0]) & ((1 << 64) - 1)) >> 40   # entry 0's draw
+    key = drop.mask_key(0, 0, "model.layers.0.mlp.up_proj.weight")
+    u = (int(drop.splitmix64(key, 0, 1)[0]) & ((1 << 64) - 1)) >> 40   # entry 0's draw
     density = (u + 0.5) / (1 << 24)
-    assert dare.keep_threshold(density) == u
+    assert drop.keep_threshold(density) == u
     mps = [{"weight": 1.0, "density": density}]
     ref, got, calls, _ = both_paths(monkeypatch, "dare_linear", base, [x], mps, {"rescale": False})
     assert calls["merge_span"] == 1

@@ -1,4 +1,5 @@
-"""DARE: the counter-based SplitMix64 mask (operators.md §4 goldens) and properties 1–8 of §8."""
+"""DARE: the counter-based SplitMix64 mask (docs/methods/dare.md §2 goldens) and the drop's
+properties (dare.md §5)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from mergekit_like.registry import get_method
-from mergekit_like.methods import dare as D
 from mergekit_like.methods.base import TensorTask
+from mergekit_like.ops import drop as D
+from mergekit_like.registry import get_method
 
 F32 = torch.float32
 NAME = "model.layers.0.mlp.up_proj.weight"
@@ -208,7 +209,8 @@ def test_p8_dare_ties_density_one_is_ties(normalize):
     params = {"normalize": normalize}
     dt = run("dare_ties", base, xs, mps, params)
     ti = get_method("ties").merge_tensor(task(base, xs, mps, {**DEFAULTS, **params,
-                                                              "rescale": False}))
+                                                              "rescale": False,
+                                                              "trim_scope": "tensor"}))
     assert torch.equal(dt, ti)
 
 

@@ -1,6 +1,6 @@
-"""Importance masks of the task-vector methods (``mask:`` / ``protect:``, methods/masks.py):
-the pure functions, merges re-read and compared with independent computations, grid memo
-separation, and every bad input (exit code 2, one line, nothing at OUT)."""
+"""Importance masks of the task-vector methods (``mask:`` / ``protect:``): the pure functions of
+ops/masks.py, the rules of methods/masks.py, merges re-read and compared with independent
+computations, grid memo separation, and every bad input (exit code 2, one line, nothing at OUT)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ from support.helpers import folder_digest, load_folder, run_cli, write_recipe
 from safetensors.torch import save_file
 
 from mergekit_like.demo import LlamaShape, make_family
-from mergekit_like.ops import masks
+from mergekit_like.methods import masks as rules
 from mergekit_like.methods.base import TensorTask
 from mergekit_like.methods.task_arithmetic import TaskArithmetic
+from mergekit_like.ops import masks
+from mergekit_like.ops.trim import trim_count
 
 SHAPE = LlamaShape(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
 
@@ -92,7 +94,7 @@ def test_keep_mask_top_with_ties():
         [True, False, False, False, True, False]
     assert masks.important(imp, top=0.01).tolist() == [False, True, False, True, False, False]
     assert masks.important(imp, top=1.0).all()
-    assert masks.top_count(0.2, 10) == 2 and masks.top_count(0.01, 10) == 1
+    assert trim_count(0.2, 10) == 2 and trim_count(0.01, 10) == 1
     assert masks.kth_largest_f32(t([4, 4, 1, 9], torch.int8).reshape(2, 2), 2) == 4.0
     votes = t([[0, 3, 3], [1, 3, 2]], torch.int8)        # k = 1: every 3 is protected
     assert masks.important(votes, top=0.1).tolist() == [[False, True, True], [False, True, False]]
@@ -118,18 +120,18 @@ def test_keep_mask_top_with_ties():
     ("protect", {"importance": "x", "top": True}, "must be a number"),
 ])
 def test_parse_rule_errors(kind, value, needle):
-    with pytest.raises(masks.RuleError) as exc:
-        masks.parse_rule(kind, value)
+    with pytest.raises(rules.RuleError) as exc:
+        rules.parse_rule(kind, value)
     assert needle in exc.value.message
 
 
 def test_parse_rule_forms():
-    assert masks.parse_rule("mask", "f") == masks.Rule("mask", "f", 0.0)
-    assert masks.parse_rule("mask", {"importance": "f", "threshold": 2}) == \
-        masks.Rule("mask", "f", 2.0)
-    assert masks.parse_rule("protect", {"importance": "f", "top": 1}) == \
-        masks.Rule("protect", "f", None, 1.0)
-    assert masks.parse_rule("protect", None) is None
+    assert rules.parse_rule("mask", "f") == rules.Rule("mask", "f", 0.0)
+    assert rules.parse_rule("mask", {"importance": "f", "threshold": 2}) == \
+        rules.Rule("mask", "f", 2.0)
+    assert rules.parse_rule("protect", {"importance": "f", "top": 1}) == \
+        rules.Rule("protect", "f", None, 1.0)
+    assert rules.parse_rule("protect", None) is None
 
 
 # ---- merges ---------------------------------------------------------------------------------
@@ -235,7 +237,8 @@ def test_no_mask_is_unchanged_and_grid_memo_keeps_masks_apart(fam, tmp_path):
     def task(rule, memo):
         mp = [{"weight": 1.0, "density": 1.0, "mask": rule}, {"weight": 0.5, "density": 1.0}]
         return TensorTask("w", (6, 8), torch.float32, torch.float32, None, base, list(xs), [0, 1],
-                          mp, {"lambda": 1.0}, side={label: imp}, memo=memo)
+                          mp, {"lambda": 1.0, "normalize": False, "rescale": False},
+                          side={label: imp}, memo=memo)
 
     memo: dict = {}
     rules = [None, {"importance": str(tmp_path / "imp"), "threshold": 0.0},
@@ -271,7 +274,8 @@ def test_spans_and_blocks_do_not_change_the_result(tmp_path):
 
     def run(workers, block):
         task = TensorTask("w", shape, torch.float32, torch.float32, None, base, list(xs), [0, 1],
-                          mp, {"lambda": 1.0, "normalize": True}, side={lv: votes, li: imp},
+                          mp, {"lambda": 1.0, "normalize": True, "rescale": False,
+                               "trim_scope": "tensor"}, side={lv: votes, li: imp},
                           workers=workers, block_elems=block)
         return Ties().merge_tensor(task), task.report
 

@@ -1,4 +1,4 @@
-"""Merge operators: the worked examples of operators.md §8 and properties every operator keeps."""
+"""Merge operators: the worked examples of docs/methods/*.md and properties every operator keeps."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import math
 import pytest
 import torch
 
+from support.helpers import plan_params
+
 from mergekit_like.errors import MergeError
 from mergekit_like.kernels import tiling
-from mergekit_like.registry import get_method
 from mergekit_like.methods.base import REQUIRED, TensorTask
-from mergekit_like.methods.linear import linear_combination
-from mergekit_like.methods.slerp import slerp, slerp_coefficients
-from mergekit_like.methods.task_arithmetic import combine_task_vectors, sign_consensus
+from mergekit_like.ops.linear import linear_combination
+from mergekit_like.ops.sign_consensus import sign_consensus
+from mergekit_like.ops.slerp import slerp, slerp_coefficients
+from mergekit_like.ops.task_vectors import combine_task_vectors
+from mergekit_like.registry import get_method
 
 F32 = torch.float32
 
@@ -35,14 +38,7 @@ def make_task(base, inputs, model_params, params=None, *, name="model.layers.0.m
 
 def merge(method, base, inputs, model_params, params=None, **kw) -> torch.Tensor:
     m = get_method(method)
-    full = {p.name: p.default for p in m.spec.params
-            if not p.per_model and p.default is not REQUIRED}
-    full.update(params or {})
-    per_model = []
-    for mp in model_params:
-        d = {p.name: p.default for p in m.spec.params if p.per_model and p.default is not REQUIRED}
-        d.update(mp)
-        per_model.append(d)
+    full, per_model = plan_params(m, params, model_params)
     return m.merge(make_task(base, inputs, per_model, full, **kw))[kw.get("name", "model.layers.0.mlp.up_proj.weight")]
 
 
@@ -72,7 +68,8 @@ def test_ties_golden(params, densities, expected):
 
 def test_ties_golden_trim_and_vote():
     """The trimmed δ̂ (k = 3, 3, 4) and the election S, Δ, D of the table."""
-    from mergekit_like.methods.ties import kth_largest, magnitude_trim_, trim_count
+    from mergekit_like.kernels.kth_largest import kth_largest
+    from mergekit_like.ops.trim import trim_count, trim_piece_
     b = t32(TIES_B)
     trimmed = []
     for x, mp, k_exp in zip(TIES_X, TIES_MP, (3, 3, 4)):
@@ -80,7 +77,7 @@ def test_ties_golden_trim_and_vote():
         k = trim_count(mp["density"], 6)
         assert k == k_exp
         kth = kth_largest(lambda d=d: [(0, d.abs())], 6, k, d.abs())
-        trimmed.append(magnitude_trim_(d.clone(), 0, kth.value))
+        trimmed.append(trim_piece_(d.clone(), 0, kth.value))
     assert torch.equal(trimmed[0], t32([0.5, 0, 0, 1, -2, 0]))
     assert torch.equal(trimmed[1], t32([-1, 0, 0, -0.75, -1, 0]))
     assert torch.equal(trimmed[2], t32([0.25, 0.5, -0.5, 0, 1, 0]))
@@ -358,7 +355,7 @@ def test_scalar_and_empty_tensors(shape):
 def _naive_task_vectors(b, xs, ws, ds, *, trim, consensus, normalize, lam, rescale=False, name="",
                         seed=0):
     """Spec §2–§4 written out on whole tensors (sort-based trim, masks), as a reference."""
-    from mergekit_like.methods.dare import keep_mask, mask_key
+    from mergekit_like.ops.drop import keep_mask, mask_key
     weighted = []
     for i, (x, w, d) in enumerate(zip(xs, ws, ds)):
         delta = (x - b).reshape(-1)

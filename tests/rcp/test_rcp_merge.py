@@ -1,4 +1,4 @@
-"""`merge_method: rcp` and `rcp_approx` end to end (rcp.md §1, §2, §6, §7): the merged weights
+"""`merge_method: rcp` and `rcp_approx` end to end (docs/methods/rcp.md §1, §2, §8, §7): the merged weights
 against an in-test float32 computation from the votes folder, λ = ∞ / λ = 0 limits, the output
 folder (report, card, config) and every bad recipe."""
 
@@ -244,7 +244,7 @@ def test_approx_mask_by_hand():
 
 
 def _expected_approx_mask(r, t, pre, lam, density):
-    """rcp.md §6 written out independently: float32 tensors, float64 means."""
+    """docs/methods/rcp.md §8 written out independently: float32 tensors, float64 means."""
     d_t, d_r, L = (t - pre).abs(), (r - pre).abs(), (r - t).square()
     mean = [float(x.double().mean()) for x in (d_t, d_r, L)]
     i_t, i_r, dd = (x / mu if mu > 0 else torch.zeros_like(x)

@@ -1,4 +1,4 @@
-"""RCP importance stage (rcp.md §1, §3): the equations on the spec's worked example, and the
+"""RCP importance stage (docs/methods/rcp.md §1, §3): the equations on the spec's worked example, and the
 `importance fisher` / `importance rcp-votes` commands against an independent autograd
 computation on a hand-built 2-layer model."""
 
@@ -18,7 +18,7 @@ from mergekit_like.ops import rcp_votes as V
 
 pytest.importorskip("transformers")
 
-# rcp.md §1 worked example
+# docs/methods/rcp.md §1 worked example
 THETA_T = torch.tensor([1.0, -2.0, 0.5, 0.0])
 THETA_R = torch.tensor([0.5, -2.0, 1.5, 0.25])
 THETA_PRE = torch.tensor([0.75, -1.0, 0.25, -0.5])

@@ -1,4 +1,4 @@
-"""Parameter values (recipe.md §3): gradients, step lists, conditionals, layer positions."""
+"""Parameter values (docs/recipe.md §3): gradients, step lists, conditionals, layer positions."""
 
 import pytest
 
@@ -10,7 +10,7 @@ from mergekit_like.recipe.params import (NO_VALUE, Conditional, Gradient, Scalar
 
 
 def formula(L, t):
-    """recipe.md §3, written out independently of the implementation."""
+    """docs/recipe.md §3, written out independently of the implementation."""
     n = len(L)
     s = t * (n - 1)
     i0 = int(s)
@@ -28,7 +28,7 @@ def llama_names(n_layers):
 
 
 def test_worked_example_table():
-    """5 layers, density [1.0, 0.7, 0.1]: recipe.md §3 table."""
+    """5 layers, density [1.0, 0.7, 0.1]: docs/recipe.md §3 table."""
     names = llama_names(5)
     pos = layer_positions(names, 5)
     density = parse_setting([1.0, 0.7, 0.1])

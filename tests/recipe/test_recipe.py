@@ -1,6 +1,6 @@
-"""Recipe loading and phase-A validation (recipe.md §1, §2, §4, §5, §6).
+"""Recipe loading and phase-A validation (docs/recipe.md §1, §2, §4, §5, §6).
 
-The method specs are fixtures mirroring recipe.md §5 so these tests do not depend on the method
+The method specs are fixtures mirroring docs/recipe.md §5 so these tests do not depend on the method
 modules; a few tests at the end use the real registry when it is populated.
 """
 

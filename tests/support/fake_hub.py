@@ -1,4 +1,4 @@
-"""Loopback fake of the Hugging Face Hub for the real ``huggingface_hub`` client (hub.md §6).
+"""Loopback fake of the Hugging Face Hub for the real ``huggingface_hub`` client (docs/hub.md §6).
 
 Stdlib only: a ``ThreadingHTTPServer`` on 127.0.0.1, HTTP/1.1 keep-alive, ``Content-Length`` on
 every response. Model repos only. Not covered: Xet transfers, CDN redirects, pagination, rate

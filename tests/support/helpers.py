@@ -96,6 +96,23 @@ def ties_recipe(base: str, ft1: str, ft2: str) -> dict:
             "dtype": "float32"}
 
 
+def plan_params(method, params: dict | None = None, model_params=()) -> tuple[dict, list[dict]]:
+    """A method's (method-wide, per-model) parameters as the plan resolves them for a tensor:
+    the given values over the spec's defaults (REQUIRED ones must be given), what a hand-built
+    TensorTask needs."""
+    from mergekit_like.recipe.spec import REQUIRED
+
+    spec = method.spec
+    full = {p.name: p.default for p in spec.params if not p.per_model and p.default is not REQUIRED}
+    full.update(params or {})
+    per_model = []
+    for mp in model_params:
+        d = {p.name: p.default for p in spec.params if p.per_model and p.default is not REQUIRED}
+        d.update(mp)
+        per_model.append(d)
+    return full, per_model
+
+
 # ---- independent reference implementations (plain, unoptimised) ---------------------------
 
 def ref_topk_mask(delta: torch.Tensor, density: float) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""A Twin bundle built directly from twin.md's equations, with plain torch (the test oracle).
+"""A Twin bundle built directly from docs/methods/twin.md's equations, with plain torch (the test oracle).
 
-``hand_bundle`` writes the layout of twin.md §4 for a tiny Llama family: the shared model
+``hand_bundle`` writes the layout of docs/methods/twin.md §5 for a tiny Llama family: the shared model
 s = b + λ Σ_t (x_t − b) (task arithmetic), and per task, for every 2-D tensor inside a
 transformer block, v_t = x_t − s truncated to rank r by exact SVD: A = U diag(σ) [out, r],
 B = Vᵀ [r, in]. Tests of materialize and the runtime use it; the merge's own output is

@@ -1,4 +1,4 @@
-"""`mergekit-like twin materialize` (twin.md §5) against bundles written by the test oracle
+"""`mergekit-like twin materialize` (docs/methods/twin.md §6) against bundles written by the test oracle
 (tests/twin_fixture.py: exact SVD, shared = task arithmetic λ 0.3)."""
 
 from __future__ import annotations

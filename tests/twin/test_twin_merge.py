@@ -1,4 +1,4 @@
-"""merge_method: twin — the bundle the merge writes (twin.md §1–§4, §8)."""
+"""merge_method: twin — the bundle the merge writes (docs/methods/twin.md §2, §5, §9)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`mergekit-like train-router` (twin.md §6): a router that tells tasks apart, its file and
+"""`mergekit-like train-router` (docs/methods/twin.md §7): a router that tells tasks apart, its file and
 twin.json section, determinism, and one-line errors on bad data (before any model load)."""
 
 from __future__ import annotations

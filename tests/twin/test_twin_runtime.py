@@ -1,4 +1,4 @@
-"""The Twin runtime (twin.md §7): routed logits equal the materialized checkpoint's, per sample;
+"""The Twin runtime (docs/methods/twin.md §8): routed logits equal the materialized checkpoint's, per sample;
 a one-hot router decodes as the task's own model; padding does not move the routing."""
 
 from __future__ import annotations

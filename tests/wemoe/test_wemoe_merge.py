@@ -1,4 +1,4 @@
-"""merge_method: wemoe — the upscaled checkpoint the merge writes (wemoe.md §1, §4)."""
+"""merge_method: wemoe — the upscaled checkpoint the merge writes (docs/methods/wemoe.md §2, §3)."""
 
 from __future__ import annotations
 

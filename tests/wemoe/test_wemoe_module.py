@@ -1,4 +1,4 @@
-"""The WEMoE module and checkpoint format (wemoe.md §2-§4), on hand-written WEMoE folders of a tiny
+"""The WEMoE module and checkpoint format (docs/methods/wemoe.md §1, §3), on hand-written WEMoE folders of a tiny
 Llama family: both loaders, exactness vs task arithmetic and vs a fine-tune, the three forward
 paths vs a naive per-sample loop, padding invariance, cached generation, save round trip, and the
 sparse / low-rank storages."""

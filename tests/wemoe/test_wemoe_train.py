@@ -1,4 +1,4 @@
-"""`mergekit-like train-router` on a WEMoE folder (wemoe.md §5): only router.safetensors changes,
+"""`mergekit-like train-router` on a WEMoE folder (docs/methods/wemoe.md §5): only router.safetensors changes,
 the entropy goes down, runs are deterministic, the held-out guard keeps the best routers, --reinit
 rebuilds the merge's initial routers, and bad input is a one-line error before any model load."""
 

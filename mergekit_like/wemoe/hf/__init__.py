@@ -1,4 +1,4 @@
-"""WEMoE-upscaled checkpoints (wemoe.md §4): the HF config and modeling files that every WEMoE
+"""WEMoE-upscaled checkpoints (docs/methods/wemoe.md §3): the HF config and modeling files that every WEMoE
 output folder carries verbatim, plus helpers for the merge and the runtime.
 
 Importing this package does not import transformers (an optional dependency): ``WEMoEConfig``

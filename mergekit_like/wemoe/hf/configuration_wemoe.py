@@ -1,4 +1,4 @@
-"""Configuration of a WEMoE-upscaled causal LM (wemoe.md §4).
+"""Configuration of a WEMoE-upscaled causal LM (docs/methods/wemoe.md §3).
 
 This file is copied verbatim into every WEMoE output folder and loaded there as remote code, so
 it imports only ``transformers``.

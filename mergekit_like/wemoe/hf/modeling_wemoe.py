@@ -1,4 +1,4 @@
-"""WEMoE-upscaled causal LM (wemoe.md §2-§4): the base architecture with every decoder MLP replaced
+"""WEMoE-upscaled causal LM (docs/methods/wemoe.md §1, §3): the base architecture with every decoder MLP replaced
 by a weight-ensembling MoE module.
 
 This file is copied verbatim into every WEMoE output folder and loaded there as remote code, so
@@ -107,7 +107,7 @@ class WEMoEExperts(nn.Module):
 
 
 class WEMoEMLP(nn.Module):
-    """A decoder MLP upscaled per wemoe.md §2: ``base`` (the pre-trained MLP θ0, whose act_fn is
+    """A decoder MLP upscaled per docs/methods/wemoe.md §1: ``base`` (the pre-trained MLP θ0, whose act_fn is
     reused), ``experts`` (one WEMoEExperts per Linear) and ``router``. h [B, N, d] → [B, N, d]."""
 
     def __init__(self, base: nn.Module, state: WEMoEState, layer_index: int, tasks: int, hidden: int,

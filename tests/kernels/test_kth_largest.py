@@ -1,13 +1,16 @@
-"""TIES trim: the sampled-bracket k-th largest keeps exactly the set exact top-k keeps, ties at
-v_k broken by lowest flat index (operators.md §3)."""
+"""TIES trim: the sampled-bracket k-th largest (kernels/kth_largest.py) keeps exactly the set
+exact top-k keeps, ties at v_k broken by lowest flat index (docs/methods/ties.md §2–§3), and
+trims to the bits of the sort-based ``ops.trim.magnitude_trim``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from mergekit_like.kernels import kth_largest as K
 from mergekit_like.methods import ties as T
 from mergekit_like.methods.base import TensorTask
+from mergekit_like.ops import trim
 
 F32 = torch.float32
 
@@ -28,14 +31,14 @@ def fast_keep(a: torch.Tensor, k: int, sample: torch.Tensor | None = None, piece
         for s in range(0, n, piece):
             yield s, a[s:s + piece].clone()     # a reused buffer would do too
 
-    kth = T.kth_largest(chunks, n, k, a if sample is None else sample)
+    kth = K.kth_largest(chunks, n, k, a if sample is None else sample)
     need = k - kth.above
     assert 1 <= need <= kth.equal
     keep = a > kth.value
     ties = a == kth.value
     assert int(ties.sum()) == kth.equal
     if need < kth.equal:
-        cutoff = T.tie_cutoff(chunks(), kth.value, need)
+        cutoff = K.tie_cutoff(chunks(), kth.value, need)
         if kth.cutoff is not None:                      # found in the collected set already
             assert kth.cutoff == cutoff
         ties &= torch.arange(n) <= cutoff
@@ -64,8 +67,8 @@ def _data(kind: str, n: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("n", [1000, 120_000])
 def test_kept_set_equals_exact_topk(kind, density, n):
     a = _data(kind, n, seed=n + int(density * 1000))
-    k = T.trim_count(density, n)
-    sample = a if n <= 1000 else a[torch.randint(n, (T.SAMPLE_MIN,), generator=torch.Generator().manual_seed(1))]
+    k = trim.trim_count(density, n)
+    sample = a if n <= 1000 else a[torch.randint(n, (K.SAMPLE_MIN,), generator=torch.Generator().manual_seed(1))]
     keep, kth = fast_keep(a, k, sample)
     ref = reference_keep(a, k)
     assert int(keep.sum()) == k
@@ -78,7 +81,7 @@ def test_kept_set_equals_exact_topk(kind, density, n):
 @pytest.mark.parametrize("sample_kind", ["too_large", "too_small", "one_atom", "empty"])
 def test_bad_sample_only_costs_passes(sample_kind):
     a = _data("normal", 50_000, seed=3)
-    k = T.trim_count(0.3, a.numel())
+    k = trim.trim_count(0.3, a.numel())
     sample = {"too_large": a[:2000] + 1.0, "too_small": a[:2000] * 1e-3,
               "one_atom": torch.full((500,), float(a[7])), "empty": a[:0]}[sample_kind]
     keep, kth = fast_keep(a, k, sample)
@@ -93,13 +96,13 @@ def test_extreme_k():
         keep, _ = fast_keep(a, k)
         assert torch.equal(keep, reference_keep(a, k)), k
     with pytest.raises(ValueError):
-        T.kth_largest(lambda: [(0, a)], a.numel(), 0, a)
+        K.kth_largest(lambda: [(0, a)], a.numel(), 0, a)
 
 
 def test_trim_count():
-    assert T.trim_count(0.5, 6) == 3 and T.trim_count(0.7, 6) == 4
-    assert T.trim_count(0.01, 50) == 1                      # int(0.5) = 0 → at least one
-    assert T.trim_count(0.29, 100) == 28                    # Python float product, truncated
+    assert trim.trim_count(0.5, 6) == 3 and trim.trim_count(0.7, 6) == 4
+    assert trim.trim_count(0.01, 50) == 1                      # int(0.5) = 0 → at least one
+    assert trim.trim_count(0.29, 100) == 28                    # Python float product, truncated
 
 
 def test_magnitude_trim_matches_mask_and_cutoff():
@@ -108,12 +111,12 @@ def test_magnitude_trim_matches_mask_and_cutoff():
     a = d.abs()
     k = 77
     keep = reference_keep(a, k)
-    kth = T.kth_largest(lambda: [(0, a)], 200, k, a)
-    cutoff = T.tie_cutoff([(0, a)], kth.value, k - kth.above)
+    kth = K.kth_largest(lambda: [(0, a)], 200, k, a)
+    cutoff = K.tie_cutoff([(0, a)], kth.value, k - kth.above)
     for piece in (200, 13, 1):                              # piecewise application, global offsets
         out = d.clone()
         for s in range(0, 200, piece):
-            T.magnitude_trim_(out[s:s + piece], s, kth.value, cutoff)
+            trim.trim_piece_(out[s:s + piece], s, kth.value, cutoff)
         assert torch.equal(out, torch.where(keep, d, torch.zeros_like(d)))
 
 
@@ -121,7 +124,8 @@ def _task(base, x, density, block_elems):
     return TensorTask(name="w", shape=tuple(base.shape), out_dtype=F32, compute_dtype=F32,
                       load_dtype=None, base=base, inputs=[x], input_indices=[1],
                       model_params=[{"weight": 1.0, "density": density}],
-                      params={"normalize": False, "lambda": 1.0, "rescale": False},
+                      params={"normalize": False, "lambda": 1.0, "rescale": False,
+                              "trim_scope": "tensor"},
                       block_elems=block_elems)
 
 
@@ -131,7 +135,7 @@ def test_ties_adapter_trims_exact_topk_across_blocks(block_elems):
     g = torch.Generator().manual_seed(6)
     d = (torch.randint(-5, 6, (60, 35), generator=g).to(F32) * 0.25)   # many ties
     base = torch.zeros_like(d)
-    k = T.trim_count(0.37, d.numel())
+    k = trim.trim_count(0.37, d.numel())
     out = T.Ties().merge_tensor(_task(base, d, 0.37, block_elems))
     keep = reference_keep(d.abs().reshape(-1), k).view_as(d)
     assert torch.equal(out, torch.where(keep, d, torch.zeros_like(d)))
@@ -142,7 +146,7 @@ def test_ties_adapter_large_sampled_tensor():
     base = torch.randn(400, 500, generator=g)
     x = base + (torch.randn(400, 500, generator=g) * 0.01).to(torch.bfloat16).to(F32)
     d = x - base
-    k = T.trim_count(0.2, d.numel())
+    k = trim.trim_count(0.2, d.numel())
     out = T.Ties().merge_tensor(_task(torch.zeros_like(d), d, 0.2, 1 << 15))
     keep = reference_keep(d.abs().reshape(-1), k).view_as(d)
     assert torch.equal(out, torch.where(keep, d, torch.zeros_like(d)))
@@ -155,7 +159,7 @@ def test_parts_scanned_in_parallel_give_the_serial_answer(kind, density):
     from mergekit_like.kernels.tiling import Scratch, run_parallel
 
     a = _data(kind, 20_011, 7)
-    n, k = a.numel(), T.trim_count(density, a.numel())
+    n, k = a.numel(), trim.trim_count(density, a.numel())
     cuts = [0, 6_000, 6_001, 14_000, n]
 
     def part(s, e):
@@ -167,9 +171,9 @@ def test_parts_scanned_in_parallel_give_the_serial_answer(kind, density):
     sources = [part(s, e) for s, e in zip(cuts, cuts[1:])]
     scratches = [Scratch(F32, torch.device("cpu")) for _ in sources]
     sample = a[::7].clone()
-    par = T.kth_largest(sources, n, k, sample, scratch=scratches,
+    par = K.kth_largest(sources, n, k, sample, scratch=scratches,
                         run=lambda calls: run_parallel(calls, 3))
-    ser = T.kth_largest(part(0, n), n, k, sample)
+    ser = K.kth_largest(part(0, n), n, k, sample)
 
     def last_kept_tie(kth):            # the tie locator resolved to a flat index
         if kth.tie_piece is None:
