@@ -13,9 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_like.io.verify import VerifyReport, verify_output
+from mergekit_like.methods.arcee_fusion import ArceeFusion
 from mergekit_like.methods.base import Method
+from mergekit_like.methods.breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from mergekit_like.methods.dare import DareLinear, DareTies
+from mergekit_like.methods.della import Della, DellaLinear
+from mergekit_like.methods.karcher import Karcher
 from mergekit_like.methods.linear import Linear
+from mergekit_like.methods.model_stock import ModelStock
+from mergekit_like.methods.multislerp import MultiSlerp
+from mergekit_like.methods.nearswap import Nearswap
+from mergekit_like.methods.nuslerp import NuSlerp
+from mergekit_like.methods.passthrough import Passthrough
+from mergekit_like.methods.ram import Ram, RamPlusTL
+from mergekit_like.methods.sce import Sce
 from mergekit_like.methods.slerp import Slerp
 from mergekit_like.methods.task_arithmetic import TaskArithmetic
 from mergekit_like.methods.ties import Ties
@@ -28,12 +39,17 @@ from mergekit_like.twin.method import Twin
 from mergekit_like.wemoe.method import WEMoE
 
 METHODS: tuple[Method, ...] = (
-    Linear(), Slerp(), TaskArithmetic(), Ties(), DareTies(), DareLinear(),
+    # mergekit's methods
+    Linear(), Slerp(), NuSlerp(), MultiSlerp(), Karcher(), Passthrough(), Nearswap(),
+    ArceeFusion(), ModelStock(),
+    TaskArithmetic(), Ties(), DareTies(), DareLinear(), Breadcrumbs(), BreadcrumbsTies(),
+    Della(), DellaLinear(), Sce(), Ram(), RamPlusTL(),
+    # data-driven methods (each its own package)
     Twin(), WEMoE(), RCP(), RCPApprox(),
 )
 """Implemented methods, in the order lists and messages show them."""
 
-PLANNED: tuple[str, ...] = ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
+PLANNED: tuple[str, ...] = ()
 """Names mergekit has that are not implemented yet: recognised, refused clearly."""
 
 REGISTRY: dict[str, Method] = {m.spec.name: m for m in METHODS}

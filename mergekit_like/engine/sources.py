@@ -13,6 +13,8 @@ from mergekit_like.io.source import CheckpointSource
 from mergekit_like.engine.plan import SourceOpener
 from mergekit_like.recipe import InputModel
 from mergekit_like.recipe.refs import ModelRef, is_valid_repo_id, looks_local, missing_folder
+from mergekit_like.hub.errors import hub_call
+from mergekit_like.hub.source import HubSource
 
 OFFLINE_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "merges.txt", "vocab.txt",
                     "chat_template.jinja", "*.py"]
@@ -24,7 +26,6 @@ def open_hub(ref: ModelRef, settings: HubSettings) -> CheckpointSource:
     if settings.offline:
         from huggingface_hub import snapshot_download
 
-        from mergekit_like.hub.errors import hub_call
 
         with hub_call(repo=ref.path, endpoint=settings.endpoint, revision=ref.revision,
                       cache_dir=settings.cache_dir):
@@ -33,7 +34,6 @@ def open_hub(ref: ModelRef, settings: HubSettings) -> CheckpointSource:
                                        allow_patterns=OFFLINE_PATTERNS)
         ref.sha = Path(folder).name
         return LocalSource(Path(folder), ref.display)
-    from mergekit_like.hub.source import HubSource
 
     source = HubSource(ref.path, ref.revision, ref.display, settings)
     ref.sha = source.sha

@@ -25,7 +25,7 @@ from mergekit_like.engine import MergeOptions, run_pass
 from mergekit_like.errors import MergeError
 from mergekit_like.grid.expand import Grid, GridPoint, InvalidPoint, partition
 from mergekit_like.grid.results import ResultLog, atomic_write
-from mergekit_like.io.output import pid_alive
+from mergekit_like.io.fs import pid_alive
 from mergekit_like.io.source import CheckpointSource
 from mergekit_like.engine.plan import MergePlan, SourceOpener, build_plan
 from mergekit_like.recipe import InputModel

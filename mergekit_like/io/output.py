@@ -31,7 +31,7 @@ from typing import Any
 
 from mergekit_like import __version__
 from mergekit_like.errors import AlreadyComplete, MergeError
-from mergekit_like.io.fs import _fsync_dir, _remove, _tree_bytes, pid_alive, read_header_sha256  # noqa: F401
+from mergekit_like.io.fs import _fsync_dir, _remove, _tree_bytes, read_header_sha256
 from mergekit_like.io.fs import check_output_apart, replace_dir, sibling_path
 from mergekit_like.io.local import safe_relpath
 from mergekit_like.io.lock import OutputLock

@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
+from mergekit_like.errors import MergeError
 from mergekit_like.tensor_task import TensorTask
 
 PIECE = 1 << 18
@@ -150,6 +151,18 @@ def buffer(scratch: Scratch | None, slot: object, like: torch.Tensor,
 def present(task: TensorTask) -> list[int]:
     """Positions in ``task.inputs`` of the models that have this tensor."""
     return [i for i, x in enumerate(task.inputs) if x is not None]
+
+
+def models_against_base(task: TensorTask, method: str) -> tuple[list[int], torch.Tensor | None]:
+    """(positions of the models that have this tensor, None), or ([], the base's copy) when
+    there is nothing to merge (no model has it, or it is empty): the opening of every operator
+    that works on task vectors. A tensor without a base tensor is an error naming ``method``."""
+    if task.base is None:
+        raise MergeError(f"{method}: tensor '{task.name}' has no base tensor")
+    models = present(task)
+    if not models or task.numel == 0:
+        return [], copy_of(task, task.base)
+    return models, None
 
 
 def copy_of(task: TensorTask, t: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,8 @@ from mergekit_like.errors import MergeError
 from mergekit_like.ops.masks import (NATIVE_F32, above, at_least_f32, holds_exactly,
                                      kth_largest_f32)
 from mergekit_like.ops.trim import trim_count
+from mergekit_like.recipe.schema import suggest
+from mergekit_like.recipe.params import Structured
 
 KINDS = ("mask", "protect")
 KEYS = {"mask": ("importance", "threshold"), "protect": ("importance", "top", "threshold")}
@@ -90,7 +92,6 @@ def _number(v: Any, key: str) -> float:
 def parse_rule(kind: str, value: Any) -> Rule | None:
     """The ``mask`` / ``protect`` value as written (None: no rule); raises ``RuleError`` with
     the subpath of the offending key."""
-    from mergekit_like.recipe.schema import suggest
 
     if value is None:
         return None
@@ -129,7 +130,6 @@ def rules_of(model_params: dict[str, Any]) -> list[Rule]:
 
 def check_recipe(recipe: Any) -> None:
     """Phase A: the form of every mask/protect value and that its folder exists."""
-    from mergekit_like.recipe.params import Structured
 
     places = [(("parameters",), recipe.top_params)]
     places += [(("models", m.index, "parameters"), m.entry_params) for m in recipe.inputs]

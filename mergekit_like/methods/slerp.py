@@ -22,7 +22,9 @@ from mergekit_like.ops.slerp import blend, row_products, slerp_coefficients
 class Slerp(Method):
     spec = MethodSpec(
         name="slerp",
-        params=(ParamSpec("t", "float", REQUIRED),),
+        params=(ParamSpec("t", "float", REQUIRED, usual=(0.0, 1.0)),
+                # mergekit's slerp ignores a per-model weight: accepted with a warning
+                ParamSpec("weight", "float", None, per_model=True, effective=False)),
         needs_base=True,
         exact_inputs=2,
     )

@@ -20,9 +20,8 @@ from typing import Any, Protocol
 
 import torch
 
-from mergekit_like.errors import MergeError
 from mergekit_like.kernels import fused_cpu
-from mergekit_like.kernels.tiling import (Scratch, copy_of, exact_total, pieces, present,
+from mergekit_like.kernels.tiling import (Scratch, exact_total, models_against_base, pieces,
                                           row_elems, row_sums, run_parallel, spans)
 from mergekit_like.methods import masks
 from mergekit_like.methods.base import REQUIRED, Method, MethodSpec, ParamSpec, TensorTask
@@ -148,11 +147,9 @@ class TaskVectorMethod(Method):
         return masks.card_extra(plan, reports)
 
     def merge_tensor(self, task: TensorTask) -> torch.Tensor:
-        if task.base is None:
-            raise MergeError(f"{self.spec.name}: tensor '{task.name}' has no base tensor")
-        models = present(task)
-        if not models or task.numel == 0:
-            return copy_of(task, task.base)
+        models, copied = models_against_base(task, self.spec.name)
+        if copied is not None:
+            return copied
         steps = self.resolve_steps(task, models)
         xs = [task.inputs[pos] for pos in models]
         out = task.empty_output()

@@ -22,12 +22,17 @@ from typing import Callable, Sequence
 
 import torch
 
+from mergekit_like.device import resolve_device
+from mergekit_like.dtypes import RECIPE_DTYPES, parse_recipe_dtype
 from mergekit_like.errors import MergeError
+from mergekit_like.io.fs import check_output_apart
 from mergekit_like.io.local import LocalSource
 from mergekit_like.ops import rcp_votes as V
-from mergekit_like.io.fs import check_output_apart
 from mergekit_like.rcp.folder import (file_sha256, read_info, refuse_existing, votes_folder,
                                       write_importance)
+from mergekit_like.runtime.data import Example, check_examples, read_examples
+from mergekit_like.runtime.hooks import accumulate_gradients, enable_checkpointing
+from mergekit_like.runtime.model import load_model, require_transformers
 
 SAMPLE = 8192
 """Positions per tensor (evenly spaced, deterministic) sampled for the medians of §7..."""
@@ -54,7 +59,6 @@ class PassSettings:
 
 
 def parse_dtype(name: str, option: str) -> torch.dtype:
-    from mergekit_like.dtypes import RECIPE_DTYPES, parse_recipe_dtype
 
     dtype = parse_recipe_dtype(name)
     if dtype is None:
@@ -76,9 +80,6 @@ def model_id(folder: Path) -> dict[str, str]:
 
 def _load(folder: Path, settings: PassSettings, data: Path):
     """Check the data's shape (no model needed), load the model, read and truncate the texts."""
-    from mergekit_like.runtime.data import Example, check_examples, read_examples
-    from mergekit_like.runtime.hooks import enable_checkpointing
-    from mergekit_like.runtime.model import load_model, require_transformers
 
     if settings.max_length < 2:
         raise MergeError(f"--max-length {settings.max_length}: must be at least 2")
@@ -94,7 +95,6 @@ def _load(folder: Path, settings: PassSettings, data: Path):
 
 
 def _pass_dtype(folder: Path, settings: PassSettings) -> torch.dtype:
-    from mergekit_like.device import resolve_device
 
     if settings.dtype != "auto":
         return parse_dtype(settings.dtype, "--dtype")
@@ -125,7 +125,6 @@ def _parameters(loaded, folder: Path) -> dict[str, torch.nn.Parameter]:
 
 
 def _run(loaded, examples, params: dict, on_grad, progress: Progress | None) -> int:
-    from mergekit_like.runtime.hooks import accumulate_gradients
 
     names = set(params)
     done = 0

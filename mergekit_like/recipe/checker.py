@@ -97,9 +97,9 @@ class Checker:
                 raise self.loc.error(path, f"{show(v)} is not a finite number")
             if kind == "density" and not 0.0 <= f <= 1.0:
                 raise self.loc.error(path, f"{show(v)} is outside [0, 1]")
-            if p.name == "t" and not 0.0 <= f <= 1.0:
-                self.warnings.append(f"{self.loc.where(*path)}: {show(v)} is outside [0, 1] "
-                                     "(extrapolation)")
+            if p.usual is not None and not p.usual[0] <= f <= p.usual[1]:
+                self.warnings.append(f"{self.loc.where(*path)}: {show(v)} is outside "
+                                     f"[{p.usual[0]:g}, {p.usual[1]:g}] (extrapolation)")
             return f
         if kind == "rank":
             return self._rank(p, v, path)

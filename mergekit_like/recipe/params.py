@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator
 
 from mergekit_like.errors import MergeError
 from mergekit_like.io.layers import LAYER_RE, config_num_layers, layer_index, layer_stacks  # noqa: F401

@@ -30,6 +30,9 @@ class ParamSpec:
     choices: tuple[str, ...] = ()
     effective: bool = True
     """False: accepted for mergekit compatibility, but has no effect (the validator warns once)."""
+    usual: tuple[float, float] | None = None
+    """A float's usual range: a value outside it is accepted with a warning (slerp's t in
+    [0, 1] extrapolates)."""
 
 
 @dataclass(frozen=True)

@@ -50,3 +50,20 @@ def test_example_recipe_runs(recipe, demo_dir, capsys, monkeypatch):
     changed = sum(not torch.equal(merged[k], base[k]) for k in base)
     assert changed > len(base) // 2  # a real merge, not a copy of the base
     assert (out / "mergekit_config.yml").read_text() == recipe.read_text()
+    assert_loads_in_transformers(out, wemoe=recipe.stem == "wemoe")
+
+
+def assert_loads_in_transformers(out: Path, *, wemoe: bool) -> None:
+    """The output loads as a causal LM (WEMoE through its own modeling code) and a forward pass
+    gives finite logits of the vocabulary's width."""
+    transformers = pytest.importorskip("transformers")
+    if wemoe:
+        from mergekit_like.wemoe.runtime import load_wemoe
+        model = load_wemoe(out, device="cpu").model
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (1, 4, config_of(out)["vocab_size"])
+    assert torch.isfinite(logits).all()

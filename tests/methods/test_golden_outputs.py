@@ -2,7 +2,8 @@
 torch path, merged on the demo family give exactly the tensors recorded in
 tests/methods/golden/outputs.json (sha256 per tensor), recorded before the package was reorganised.
 
-Regenerate only on purpose (a change of the math), never to make a test pass:
+Record a new recipe's outputs (recorded ones must come out unchanged; a change of the math is
+made on purpose by deleting that record first, never to make a test pass):
 
     python tests/methods/test_golden_outputs.py --write
 """
@@ -175,7 +176,10 @@ def test_every_recipe_has_a_golden_record(golden):
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
+    # Records the cases that have no record yet; a recorded case whose bits changed is an error
+    # (delete its record by hand if the math changed on purpose).
     import tempfile
+    known = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         work_dir = Path(tmp)
         make_demo(work_dir)
@@ -183,6 +187,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
         for case_name, case_text, case_fused in all_cases():
             digests = merge_digests(work_dir, case_name, case_text, case_fused)
             assert record.setdefault(case_name, digests) == digests, case_name
+            assert known.get(case_name, digests) == digests, f"{case_name}: recorded bits changed"
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-        print(f"wrote {GOLDEN}: {len(record)} outputs")
+        print(f"wrote {GOLDEN}: {len(record)} outputs ({len(set(record) - set(known))} new)")

@@ -32,7 +32,7 @@ def resc(default, effective=True):
 
 SPECS = {
     "linear": MethodSpec("linear", (W, norm(True)), needs_base=False, base_joins_inputs=True),
-    "slerp": MethodSpec("slerp", (ParamSpec("t", "float"),), exact_inputs=2),
+    "slerp": MethodSpec("slerp", (ParamSpec("t", "float", usual=(0.0, 1.0)),), exact_inputs=2),
     "task_arithmetic": MethodSpec("task_arithmetic", (W, D_NOOP, norm(False), LAM,
                                                       resc(False, False), I8)),
     "ties": MethodSpec("ties", (W, D, norm(True), resc(False), LAM, I8,

@@ -13,6 +13,7 @@ import yaml
 from safetensors import safe_open
 
 from mergekit_like.cli import main
+from mergekit_like.demo import LlamaShape, make_family
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
@@ -82,6 +83,19 @@ def config_of(folder: Path) -> dict:
     return json.loads((Path(folder) / "config.json").read_text())
 
 
+SMALL_SHAPE = LlamaShape(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1)
+"""A 2-layer Llama small enough for per-method CLI tests."""
+
+
+def small_family(root: Path, **kw) -> Path:
+    """base, ft1, ft2 of SMALL_SHAPE (float32, ft1 sharded) under ``root``; ``kw`` goes to
+    ``make_family`` (delta_scale, seed)."""
+    make_family(root, SMALL_SHAPE, n_finetunes=2, dtype=torch.float32,
+                shard_bytes=[None, 4_000, None], **kw)
+    return root
+
+
 def folder_files(folder: Path) -> dict[str, bytes]:
     """Every file of a folder by relative path (what a fake Hub repo is given)."""
     return {p.relative_to(folder).as_posix(): p.read_bytes()
@@ -143,8 +157,9 @@ def ref_ties(base, xs, weights, densities, normalize=True, lam=1.0):
 _M64 = (1 << 64) - 1
 
 
-def ref_dare_keep(seed: int, model_index: int, name: str, numel: int, density: float) -> np.ndarray:
-    """The normative SplitMix64 mask, written with numpy uint64 (the spec's reference)."""
+def ref_splitmix_u(seed: int, model_index: int, name: str, numel: int) -> np.ndarray:
+    """u_j, the top 24 bits of SplitMix64 output j keyed by (seed, model, tensor), written with
+    numpy uint64 (docs/methods/dare.md §2): the independent oracle of every counter-based draw."""
     key = int.from_bytes(hashlib.sha256(f"{seed}:{model_index}:{name}".encode()).digest()[:8],
                          "little")
     j = np.arange(numel, dtype=np.uint64)
@@ -153,5 +168,9 @@ def ref_dare_keep(seed: int, model_index: int, name: str, numel: int, density: f
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
-    u = z >> np.uint64(40)
-    return u < np.uint64(int(density * (1 << 24)))
+    return z >> np.uint64(40)
+
+
+def ref_dare_keep(seed: int, model_index: int, name: str, numel: int, density: float) -> np.ndarray:
+    """The normative SplitMix64 keep mask: u_j < ⌊density·2²⁴⌋."""
+    return ref_splitmix_u(seed, model_index, name, numel) < np.uint64(int(density * (1 << 24)))

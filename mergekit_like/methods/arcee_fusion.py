@@ -1,0 +1,52 @@
+"""Arcee Fusion (docs/methods/arcee_fusion.md): the adapter of ``ops/arcee_fusion.py``, a = the
+base, b = the other model, out = a + (b − a)·[imp ≥ τ].
+
+Two passes over the engine's row blocks. Pass 1 computes the importance (``fusion_importance``:
+a softmax over the last dim, so a block of whole dim-0 rows holds whole softmax rows) into one
+compute-dtype tensor of the full shape, whose exact quartiles give τ (``fusion_threshold``).
+Pass 2 reloads a and b per block and applies ``fuse``. A 0-d or 1-d tensor is one softmax row
+and is done whole. A tensor only the base has is the base's, copied.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergekit_like.errors import MergeError
+from mergekit_like.kernels.tiling import copy_of
+from mergekit_like.methods.base import Method, MethodSpec, TensorTask
+from mergekit_like.ops.arcee_fusion import fuse, fusion_importance, fusion_threshold
+
+
+class ArceeFusion(Method):
+    spec = MethodSpec(
+        name="arcee_fusion",
+        params=(),
+        needs_base=True,
+        exact_inputs=2,
+    )
+
+    def merge_tensor(self, task: TensorTask) -> torch.Tensor:
+        others = [x for x in task.inputs if x is not None]
+        if len(others) > 1:
+            raise MergeError(f"arcee_fusion takes exactly 2 models (base included), "
+                             f"got {len(others) + 1}")
+        if task.base is None:
+            raise MergeError(f"arcee_fusion: the base model lacks tensor '{task.name}'")
+        if not others or task.numel == 0:               # only the base has it, or nothing to do
+            return copy_of(task, task.base)
+        a, b = task.base, others[0]
+        out = task.empty_output()
+        if len(task.shape) < 2:                         # one softmax row: whole
+            a32, b32 = task.cast(a, copy=True), task.cast(b, copy=True)
+            imp = fusion_importance(a32, b32)
+            out.copy_(fuse(a32, b32, imp >= fusion_threshold(imp)))
+            return out
+        imp = torch.empty(task.shape, dtype=task.compute_dtype, device=task.device)
+        for block in task.blocks():                     # pass 1: importance
+            imp[block.rows] = fusion_importance(task.load(a, block), task.load(b, block))
+        tau = fusion_threshold(imp)
+        for block in task.blocks():                     # pass 2: the masked delta
+            keep = imp[block.rows] >= tau
+            task.store(out, block, fuse(task.load(a, block), task.load(b, block), keep))
+        return out
