@@ -9,7 +9,11 @@ fine-tunes in bf16, then runs, each in a fresh child process measured side by si
 
 * floor: read every input tensor with the project's reader and write one model-sized output with
   the project's writer: the I/O any merge must do;
-* linear, task_arithmetic, ties (densities 0.5/0.5/0.3), dare_ties: real `mergekit-like merge`.
+* linear, task_arithmetic, ties (densities 0.5/0.5/0.3), dare_ties: real `mergekit-like merge`;
+* the other methods (``NEW_METHODS``): the same, each with the parameters of its example recipe
+  ``recipes/<method>.yml`` pointed at the bench family (``model_stock`` with filter_wise true).
+
+``--methods`` picks a subset (default: all).
 
 Inputs are read once before timing so every run sees the same (warm) page cache.
 Targets (2-core CPU): task_arithmetic ≤ 1.5× floor, ties ≤ 2.5× floor, peak RSS ≤ 1.5 GB and
@@ -31,7 +35,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".bench"
-METHODS = ["linear", "task_arithmetic", "ties", "dare_ties"]
+CORE_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties"]
+NEW_METHODS = ["slerp", "nuslerp", "multislerp", "karcher", "passthrough", "nearswap",
+               "arcee_fusion", "model_stock", "breadcrumbs", "breadcrumbs_ties", "della",
+               "della_linear", "sce", "ram", "ramplus_tl"]
+METHODS = CORE_METHODS + NEW_METHODS
+DEMO_PREFIX = "./demo_models/"
 
 
 def shape_for(layers: int, small: bool):
@@ -60,6 +69,8 @@ def family(layers: int, small: bool) -> Path:
 
 
 def recipe(method: str, fam: Path) -> dict:
+    if method in NEW_METHODS:
+        return example_recipe(method, fam)
     densities = [0.5, 0.5, 0.3]
     models = []
     for k in (1, 2, 3):
@@ -72,6 +83,24 @@ def recipe(method: str, fam: Path) -> dict:
         doc["base_model"] = str(fam / "base")
     else:
         models.insert(0, {"model": str(fam / "base"), "parameters": {"weight": 0.0}})
+    return doc
+
+
+def example_recipe(method: str, fam: Path) -> dict:
+    """recipes/<method>.yml with its ``./demo_models/<name>`` paths pointed at the family."""
+    doc = yaml.safe_load((ROOT / "recipes" / f"{method}.yml").read_text())
+
+    def point(path: str) -> str:
+        if not path.startswith(DEMO_PREFIX):
+            raise SystemExit(f"recipes/{method}.yml: unexpected model path {path!r}")
+        return str(fam / path[len(DEMO_PREFIX):])
+
+    if "base_model" in doc:
+        doc["base_model"] = point(doc["base_model"])
+    for entry in doc["models"]:
+        entry["model"] = point(entry["model"])
+    if method == "model_stock":
+        doc.setdefault("parameters", {})["filter_wise"] = True
     return doc
 
 
@@ -133,6 +162,12 @@ def warm_cache(fam: Path) -> None:
                 pass
 
 
+def report(tag: str, name: str, r: dict, floor: dict) -> None:
+    """One run's figures as they come (stderr), so a long session shows its progress."""
+    print(f"[{tag}] {name:<16}{r['wall_s']:>8.2f} s{r['wall_s'] / floor['wall_s']:>7.2f}×"
+          f"{r['peak_rss'] / 1e9:>7.2f} GB", file=sys.stderr, flush=True)
+
+
 def bench_family(layers: int, small: bool, repeat: int, methods: list[str]) -> dict[str, dict]:
     """Each run ``repeat`` times, interleaved (floor, methods, floor, methods, …), so slow
     phases of a shared machine hit every run alike; the minimum wall time and the maximum
@@ -145,10 +180,12 @@ def bench_family(layers: int, small: bool, repeat: int, methods: list[str]) -> d
         paths[method] = WORK / f"{method}.yml"
         paths[method].write_text(yaml.safe_dump(recipe(method, fam), sort_keys=False))
     runs: dict[str, list[dict]] = {"floor": [], **{m: [] for m in methods}}
-    for _ in range(repeat):
+    for i in range(repeat):
         runs["floor"].append(run_child("floor", fam, out))
+        report(f"{layers}L #{i + 1}", "floor", runs["floor"][-1], runs["floor"][-1])
         for method in methods:
             runs[method].append(run_child("merge", paths[method], out))
+            report(f"{layers}L #{i + 1}", method, runs[method][-1], runs["floor"][-1])
     return {name: {"wall_s": min(r["wall_s"] for r in rs),
                    "peak_rss": max(r["peak_rss"] for r in rs)} for name, rs in runs.items()}
 

@@ -4,8 +4,10 @@ on signs first (``breadcrumbs_ties``).
 
 The adapter of the task-vector form (``task_arithmetic.TaskVectorMethod``) with the outlier trim
 of ``ops/breadcrumbs.py`` as its sparsifier. The band needs a ranking of the whole tensor, so
-each model's keep mask is computed once per tensor (one sort of |δ|) and applied to every piece
-by its flat offset: the result does not depend on blocking, threads or order.
+each model's keep mask is computed once per tensor (two exact selections on |δ|) and applied to every piece
+by its flat offset: the result does not depend on blocking, threads or order. The mask comes
+from two exact k-th-largest selections (``kernels.breadcrumbs.outlier_keep``), not a sort; it is
+bit-identical to the sort's (``outlier_keep_sorted``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 from mergekit_like.kernels.tiling import Scratch, pieces
 from mergekit_like.methods.base import MethodSpec, ParamSpec, TensorTask
 from mergekit_like.methods.task_arithmetic import TaskVectorMethod, task_vector_params
-from mergekit_like.ops.breadcrumbs import apply_keep_, outlier_keep
+from mergekit_like.kernels.breadcrumbs import outlier_keep
+from mergekit_like.ops.breadcrumbs import apply_keep_
 from mergekit_like.ops.task_vectors import task_vector
 
 
@@ -34,7 +37,8 @@ class OutlierTrim:
 
     def __init__(self, task: TensorTask, pos: int, density: float):
         gamma = float(task.model_params[pos]["gamma"])
-        self.keep = outlier_keep(whole_delta(task, task.inputs[pos]), density, gamma)
+        self.keep = outlier_keep(whole_delta(task, task.inputs[pos]), density, gamma,
+                                 workers=task.workers)
 
     def apply(self, delta: torch.Tensor, offset: int, scratch: Scratch | None = None) -> None:
         apply_keep_(delta, self.keep[offset:offset + delta.numel()])

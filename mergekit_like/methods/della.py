@@ -1,26 +1,28 @@
 """DELLA (Deep, Bhardwaj et al., 2024; docs/methods/della.md): MAGPRUNE's magnitude-ranked random
-drop, rescaled by 1/p, then TIES' sum sign consensus (``della``) or task arithmetic
+drop, rescaled to the task vector's L1 norm, then TIES' sum sign consensus (``della``) or task arithmetic
 (``della_linear``).
 
 The adapter of the task-vector form (``task_arithmetic.TaskVectorMethod``) with ``ops/della.py``
 as its sparsifier. Each model's magnitude ranks are computed once per tensor (one row-wise sort
 of |δ|, kept as int32); the draw is DARE's counter-based SplitMix64 stream (same key), so every
 piece's mask depends only on (seed, model index, tensor name, flat index) and its rank.
-``rescale: true`` divides each kept entry by its own p_j inside the sparsifier (no scalar
-rescale step); ``"l1"`` is the shared L1 factor; ``false`` none.
+``rescale: true`` is mergekit's rescale: the kept task vector is scaled back to the L1 norm it
+had (the same as ``"l1"``); ``false`` none. The paper's per-entry 1/p_j is not used, so that
+task-vector norms match mergekit's (docs/methods/della.md).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
 from mergekit_like.kernels.tiling import Scratch
 from mergekit_like.methods.base import MethodSpec, ParamSpec, TensorTask
 from mergekit_like.methods.breadcrumbs import whole_delta
-from mergekit_like.methods.task_arithmetic import (TaskVectorMethod, TaskVectorSteps,
-                                                   task_vector_params)
+from mergekit_like.methods.task_arithmetic import TaskVectorMethod, task_vector_params
 from mergekit_like.ops.della import epsilon_problem, magprune_piece_, magprune_ranks, rank_rows
-from mergekit_like.ops.drop import SCALE_NONE, mask_key
+from mergekit_like.ops.drop import mask_key
 
 
 class MagPrune:
@@ -31,7 +33,7 @@ class MagPrune:
         self.key = mask_key(task.seed, task.input_indices[pos], task.name)
         self.density = density
         self.epsilon = float(task.model_params[pos]["epsilon"])
-        self.divide = task.params["rescale"] is True
+        self.divide = False       # rescale is the shared L1 factor (mergekit's rule)
         self.m = rank_rows(task.shape)
         delta = whole_delta(task, task.inputs[pos]).view(task.shape)
         ranks = magprune_ranks(delta).reshape(-1)
@@ -55,13 +57,11 @@ class _Della(TaskVectorMethod):
     def make_sparsifier(self, task: TensorTask, pos: int, density: float, scratch: Scratch):
         return MagPrune(task, pos, density)
 
-    def resolve_steps(self, task: TensorTask, models: list[int]) -> TaskVectorSteps:
-        """The shared steps, except that ``rescale: true`` is the per-entry 1/p_j the sparsifier
-        applies, so no scalar ÷ d follows it."""
-        steps = super().resolve_steps(task, models)
+    def merge_tensor(self, task: TensorTask) -> torch.Tensor:
+        """``rescale: true`` runs as mergekit's L1 rescale (``"l1"``)."""
         if task.params["rescale"] is True:
-            steps.scales = [(SCALE_NONE, 1.0)] * len(steps.scales)
-        return steps
+            task = replace(task, params={**task.params, "rescale": "l1"})
+        return super().merge_tensor(task)
 
     def _delta_keeper(self, task: TensorTask) -> torch.Tensor | None:
         return None               # Δ depends on epsilon, which the grid memo key does not hold

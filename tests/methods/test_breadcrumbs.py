@@ -10,7 +10,9 @@ from support.helpers import expect_merge_error, plan_params
 
 from mergekit_like.demo import LlamaShape, make_family
 from mergekit_like.kernels import fused_cpu
+from mergekit_like.methods import breadcrumbs as breadcrumbs_method
 from mergekit_like.methods.base import TensorTask
+from mergekit_like.ops.breadcrumbs import outlier_keep_sorted
 from mergekit_like.registry import get_method
 
 F32 = torch.float32
@@ -131,6 +133,20 @@ def test_blocking_threads_and_no_fused_path(method, monkeypatch):
     for block_elems, workers in ((29, 1), (29 * 5, 2), (1000, 3)):
         small = run(method, base, xs, mp, params, block_elems=block_elems, workers=workers)
         assert torch.equal(small, big)
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_selection_path_equals_the_sort_on_ties(method, monkeypatch):
+    """The adapter's exact-selection keep mask gives the sort's bits on heavily tied deltas."""
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(300, 1000, generator=g)
+    xs = [base + 0.125 * torch.randint(-2, 3, base.shape, generator=g).float() for _ in range(3)]
+    mp = [{"weight": 1.0, "density": 0.6, "gamma": 0.05}, {"weight": 0.5, "density": 0.3},
+          {"weight": 0.8, "density": 0.9, "gamma": 0.1}]
+    fast = run(method, base, xs, mp, workers=2)
+    monkeypatch.setattr(breadcrumbs_method, "outlier_keep",
+                        lambda d, dens, gam, workers=1: outlier_keep_sorted(d, dens, gam))
+    assert torch.equal(fast, run(method, base, xs, mp, workers=2))
 
 
 # ---- through the CLI: bad parameters -------------------------------------------------------

@@ -58,9 +58,13 @@ def ref_della(base, xs, weights, densities, epsilons, *, consensus, normalize, r
         delta = x.numpy() - b
         if d < 1:
             keep, p = ref_keep_scale(delta, seed, i + 1, d, e)
-            delta = delta * keep.astype(np.float32)
-            if rescale:
-                delta = delta / p.astype(np.float32)
+            kept = delta * keep.astype(np.float32)
+            if rescale:  # mergekit's rescale: back to the task vector's L1 norm (eps 1e-7)
+                full, after = np.abs(delta).astype(np.float64).sum(), \
+                    np.abs(kept).astype(np.float64).sum()
+                if full >= 1e-7 and after >= 1e-7:
+                    kept = kept * np.float32(full / after)
+            delta = kept
         W.append(delta * np.float32(w) if w != 1 else delta)
     if consensus:
         s = np.where(sum(W) >= 0, 1.0, -1.0).astype(np.float32)
@@ -88,11 +92,10 @@ def test_golden_one_model_bit_exact():
     base = torch.zeros(2, 4)
     x = torch.tensor([[-0.1, 0.3, 0.2, 0.5], [4.0, 1.0, -3.0, 2.0]])
     out = run("della_linear", base, [x], [{"weight": 1.0, "density": 0.5, "epsilon": 0.2}])
-    # p = [.3 .567 .433 .7 | .7 .3 .567 .433] → keep [0 1 1 1 | 0 0 0 1], survivors ÷ p
-    p = torch.tensor([[0.3, 0.3 + 0.4 * 2 / 3, 0.3 + 0.4 / 3, 0.7],
-                      [0.7, 0.3, 0.3 + 0.4 * 2 / 3, 0.3 + 0.4 / 3]], dtype=torch.float64)
+    # p = [.3 .567 .433 .7 | .7 .3 .567 .433] → keep [0 1 1 1 | 0 0 0 1]; rescale: the kept
+    # entries (0.3, 0.2, 0.5, 2.0: L1 3.0) scaled back to ‖δ‖₁ = 11.1, as mergekit rescales
     keep = torch.tensor([[0, 1, 1, 1], [0, 0, 0, 1]], dtype=F32)
-    assert torch.equal(out, x * keep / p.float())
+    torch.testing.assert_close(out, x * keep * (11.1 / 3.0), rtol=1e-6, atol=0)
     no_scale = run("della_linear", base, [x], [{"weight": 1.0, "density": 0.5, "epsilon": 0.2}],
                    {"rescale": False})
     assert torch.equal(no_scale, x * keep)
@@ -126,11 +129,13 @@ def test_identities():
     ones = [{"weight": w, "density": 1.0, "epsilon": 0.5} for w in (1.0, 0.5, 0.25)]
     plain = [{"weight": w} for w in (1.0, 0.5, 0.25)]
     assert torch.equal(run("della_linear", base, xs, ones), run("task_arithmetic", base, xs, plain))
-    # ε = 0: every p = d, the mask is DARE's (same key, same stream) and ÷ p is ÷ d
+    # ε = 0: every p = d, the mask is DARE's (same key, same stream), rescaled by the L1 rule
     zero = [{"weight": w, "density": d, "epsilon": 0.0} for w, d in ((1, .5), (.5, .3), (1, .8))]
-    assert torch.equal(run("della_linear", base, xs, zero), run("dare_linear", base, xs, zero))
+    l1 = {"rescale": "l1"}
+    assert torch.equal(run("della_linear", base, xs, zero),
+                       run("dare_linear", base, xs, zero, l1))
     assert torch.equal(run("della", base, xs, zero, {"normalize": True}),
-                       run("dare_ties", base, xs, zero, {"normalize": True}))
+                       run("dare_ties", base, xs, zero, {"normalize": True, **l1}))
     # models equal to the base: the base comes back
     same = [base.clone() for _ in xs]
     mp = [{"weight": 1.0, "density": 0.5, "epsilon": 0.1}] * 3
@@ -186,3 +191,16 @@ def test_default_epsilon_refused_for_a_small_density(fam, tmp_path, capsys):
 
 def test_non_numeric_epsilon(fam, tmp_path, capsys):
     expect_merge_error(tmp_path, capsys, recipe(fam, "della", 0.5, "wide"), "epsilon")
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_rescale_true_is_mergekits_l1_rule(method):
+    """mergekit rescales DELLA's kept task vector back to its L1 norm (not by 1/p per entry):
+    `rescale: true` and `rescale: l1` give the same bits, and the kept task vector's L1 norm."""
+    base, xs = family(3, shape=(8, 12))
+    mp = [{"weight": 1.0, "density": 0.4, "epsilon": 0.2}]
+    true_out = run(method, base, xs[:1], mp, {"normalize": False})
+    assert torch.equal(true_out, run(method, base, xs[:1], mp, {"normalize": False,
+                                                               "rescale": "l1"}))
+    full = (xs[0] - base).abs().double().sum()
+    torch.testing.assert_close((true_out - base).abs().double().sum(), full, rtol=1e-5, atol=0)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mergekit_like.ops.breadcrumbs import outlier_counts, outlier_keep, outlier_trim
+from mergekit_like.kernels.breadcrumbs import outlier_keep, top_mask
+from mergekit_like.ops.breadcrumbs import outlier_counts, outlier_keep_sorted, outlier_trim
 from mergekit_like.ops.trim import magnitude_trim
 
 DELTA = [0.1, -0.9, 0.3, 0.5, -0.2, 0.8, -0.05, 0.4, 0.7, -0.6]
@@ -89,3 +90,57 @@ def test_kept_count_over_a_grid():
         for density in (0.1, 0.3, 0.5, 0.6, 0.9):
             out = outlier_trim(delta, density, gamma_0 * (1 - density))
             assert int(torch.count_nonzero(out)) == int(delta.numel() * density)
+
+
+# ---- the selection path (outlier_keep) against the sort (outlier_keep_sorted) --------------
+
+def heavy_ties(n: int, seed: int, levels: int) -> torch.Tensor:
+    """Task-vector-like data on a coarse grid: few distinct magnitudes, both signs, signed
+    zeros, so both thresholds land inside long runs of equal |δ|."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randint(-levels, levels + 1, (n,), generator=g).float() * 0.125
+    d[torch.rand(n, generator=g) < 0.1] = -0.0
+    return d
+
+
+BANDS = [(0.9, 0.01), (0.5, 0.1), (0.3, 0.0), (0.9, 0.5), (0.0, 0.1), (0.99, 0.01),
+         (0.2, 0.79), (0.5, 0.5)]
+
+
+@pytest.mark.parametrize("density, gamma", BANDS)
+@pytest.mark.parametrize("n, levels, workers", [(1000, 3, 1), (40_000, 1, 1),
+                                                 (700_001, 4, 2), (600_000, 200, 3)])
+def test_selection_equals_sort_on_heavy_ties(n, levels, workers, density, gamma):
+    delta = heavy_ties(n, n + levels, levels)
+    fast = outlier_keep(delta, density, gamma, workers=workers)
+    assert torch.equal(fast, outlier_keep_sorted(delta, density, gamma))
+
+
+@pytest.mark.parametrize("fill", [0.0, -0.5])
+def test_selection_equals_sort_on_a_constant_tensor(fill):
+    delta = torch.full((3, 300_000), fill)
+    for density, gamma in BANDS:
+        assert torch.equal(outlier_keep(delta, density, gamma, workers=2),
+                           outlier_keep_sorted(delta, density, gamma))
+
+
+def test_selection_equals_sort_on_continuous_data():
+    delta = torch.randn(513, 1025, generator=torch.Generator().manual_seed(11))
+    delta[7].zero_()
+    for density, gamma in BANDS:
+        assert torch.equal(outlier_keep(delta, density, gamma, workers=2),
+                           outlier_keep_sorted(delta, density, gamma))
+
+
+def test_top_mask_is_the_first_m_of_a_stable_sort():
+    a = heavy_ties(300_000, 5, 2).abs()
+    order = torch.sort(a, descending=True, stable=True).indices
+    for m in (0, 1, 1000, 150_000, 299_999, 300_000):
+        want = torch.zeros(a.numel(), dtype=torch.bool)
+        want[order[:m]] = True
+        assert torch.equal(top_mask(a, m, a[::7].clone(), workers=2), want)
+
+
+def test_non_finite_takes_the_sort():
+    delta = torch.tensor([1.0, float("nan"), -2.0, float("inf"), 0.5, 0.25, -3.0, 0.0])
+    assert torch.equal(outlier_keep(delta, 0.5, 0.2), outlier_keep_sorted(delta, 0.5, 0.2))
