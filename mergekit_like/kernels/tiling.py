@@ -165,6 +165,18 @@ def models_against_base(task: TensorTask, method: str) -> tuple[list[int], torch
     return models, None
 
 
+def other_of_pair(task: TensorTask, method: str) -> torch.Tensor | None:
+    """The non-base input of a two-model method (base included), or None when only the base has
+    this tensor; more than one other input, or no base tensor, is an error naming ``method``."""
+    others = [x for x in task.inputs if x is not None]
+    if len(others) > 1:
+        raise MergeError(f"{method} takes exactly 2 models (base included), "
+                         f"got {len(others) + 1}")
+    if task.base is None:
+        raise MergeError(f"{method}: the base model lacks tensor '{task.name}'")
+    return others[0] if others else None
+
+
 def copy_of(task: TensorTask, t: torch.Tensor) -> torch.Tensor:
     """``t`` rounded through the compute dtype into a fresh output tensor (block by block)."""
     out = task.empty_output()

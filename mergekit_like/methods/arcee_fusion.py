@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from mergekit_like.errors import MergeError
-from mergekit_like.kernels.tiling import copy_of
+from mergekit_like.kernels.tiling import copy_of, other_of_pair
 from mergekit_like.methods.base import Method, MethodSpec, TensorTask
 from mergekit_like.ops.arcee_fusion import fuse, fusion_importance, fusion_threshold
 
@@ -27,15 +26,10 @@ class ArceeFusion(Method):
     )
 
     def merge_tensor(self, task: TensorTask) -> torch.Tensor:
-        others = [x for x in task.inputs if x is not None]
-        if len(others) > 1:
-            raise MergeError(f"arcee_fusion takes exactly 2 models (base included), "
-                             f"got {len(others) + 1}")
-        if task.base is None:
-            raise MergeError(f"arcee_fusion: the base model lacks tensor '{task.name}'")
-        if not others or task.numel == 0:               # only the base has it, or nothing to do
+        other = other_of_pair(task, "arcee_fusion")
+        if other is None or task.numel == 0:            # only the base has it, or nothing to do
             return copy_of(task, task.base)
-        a, b = task.base, others[0]
+        a, b = task.base, other
         out = task.empty_output()
         if len(task.shape) < 2:                         # one softmax row: whole
             a32, b32 = task.cast(a, copy=True), task.cast(b, copy=True)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from mergekit_like.errors import MergeError
-from mergekit_like.kernels.tiling import copy_of, pieces
+from mergekit_like.kernels.tiling import copy_of, other_of_pair, pieces
 from mergekit_like.methods.base import REQUIRED, Method, MethodSpec, ParamSpec, TensorTask
 from mergekit_like.ops.nearswap import nearswap
 
@@ -26,16 +25,11 @@ class Nearswap(Method):
 
     def merge_tensor(self, task: TensorTask) -> torch.Tensor:
         t = float(task.params["t"])
-        others = [x for x in task.inputs if x is not None]
-        if len(others) > 1:
-            raise MergeError(f"nearswap takes exactly 2 models (base included), "
-                             f"got {len(others) + 1}")
-        if task.base is None:
-            raise MergeError(f"nearswap: the base model lacks tensor '{task.name}'")
-        if not others:                                  # only the base has the tensor
+        other = other_of_pair(task, "nearswap")
+        if other is None:                               # only the base has the tensor
             return copy_of(task, task.base)
         out = task.empty_output()
         flat_out = out.view(-1)
-        for off, (a, b) in pieces(task, [task.base, others[0]]):
+        for off, (a, b) in pieces(task, [task.base, other]):
             flat_out[off:off + a.numel()].copy_(nearswap(a, b, t))
         return out
