@@ -8,117 +8,24 @@ written.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
-
 from mergekit_like.dtypes import is_float_code
+from mergekit_like.engine.jobs import (MergePlan, TensorJob, compute_dtype_of, copy_job,
+                                       merge_tensor_job)
+from mergekit_like.engine.slice_plan import plan_slices
 from mergekit_like.errors import MergeError
+from mergekit_like.io.layers import config_num_layers
 from mergekit_like.io.local import LocalSource
 from mergekit_like.io.source import CheckpointSource, TensorInfo
-from mergekit_like.methods.base import Method, OutputSpec
+from mergekit_like.methods.base import Method
 from mergekit_like.recipe import InputModel, Recipe
 from mergekit_like.recipe.params import layer_positions
 
+__all__ = ["MergePlan", "SourceOpener", "TensorJob", "build_plan", "open_input"]
+
 SourceOpener = Callable[[InputModel], CheckpointSource]
-
-
-@dataclass
-class TensorJob:
-    """One reference tensor: its inputs, resolved parameters and the outputs it produces."""
-
-    name: str
-    info: TensorInfo  # the reference model's header entry
-    t: float  # layer position in [0, 1]
-    merge: bool  # False: non-floating tensor, copied byte for byte from the reference
-    participants: list[int]  # positions in plan.inputs of the method inputs holding this tensor
-    model_params: list[dict[str, Any]]  # aligned with participants
-    params: dict[str, Any]  # method-wide, resolved for this tensor
-    outputs: list[OutputSpec]
-
-    def read_bytes(self, plan: "MergePlan") -> int:
-        if not self.merge:
-            return self.info.nbytes
-        reads = [plan.tensor_info(p, self.name).nbytes for p in self.participants]
-        if plan.base_pos is not None and plan.base_pos not in self.participants:
-            reads.append(plan.tensor_info(plan.base_pos, self.name).nbytes)
-        reads += [src.tensors()[self.name].nbytes for src in plan.side.values()
-                  if self.name in src.tensors()]
-        return sum(reads)
-
-
-@dataclass
-class MergePlan:
-    recipe: Recipe
-    method: Method
-    inputs: list[InputModel]
-    sources: list[CheckpointSource]
-    headers: list[dict[str, TensorInfo]]
-    reference_pos: int
-    base_pos: int | None  # position in inputs of the base (None when the method takes none)
-    method_inputs: list[int]  # positions in inputs the method merges (base excluded unless it joins)
-    jobs: list[TensorJob]
-    compute_dtype: torch.dtype
-    tokenizer: CheckpointSource  # the tokenizer_source donor (may be one of sources)
-    warnings: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    """What the method reports once the output is complete (printed after "wrote OUT")."""
-    side: dict[str, CheckpointSource] = field(default_factory=dict)
-    """Side inputs (``Method.side_inputs``) by label, read per tensor like the models."""
-
-    @property
-    def reference(self) -> CheckpointSource:
-        return self.sources[self.reference_pos]
-
-    def close(self) -> None:
-        for s in {id(s): s for s in [*self.sources, self.tokenizer, *self.side.values()]}.values():
-            s.close()
-
-    def tensor_info(self, pos: int, name: str) -> TensorInfo:
-        return self.headers[pos][name]
-
-    @property
-    def outputs(self) -> list[OutputSpec]:
-        return [o for job in self.jobs for o in job.outputs]
-
-    @property
-    def output_bytes(self) -> int:
-        return sum(math.prod(o.shape) * o.dtype.itemsize for o in self.outputs)
-
-    @property
-    def read_bytes(self) -> int:
-        return sum(job.read_bytes(self) for job in self.jobs)
-
-    def peak_memory_estimate(self, block_elems: int) -> int:
-        """Host bytes at the worst tensor: its inputs and the next one's (prefetch), the output
-        and one queued in the writer, and float32 blocks of working set (inputs + 4 scratch)."""
-        if not self.jobs:
-            return 0
-        reads = sorted((job.read_bytes(self) for job in self.jobs), reverse=True)
-        outs = max(math.prod(o.shape) * o.dtype.itemsize for o in self.outputs)
-        width = len(self.method_inputs) + 5
-        working = min(block_elems, max(j.info.numel for j in self.jobs)) * 4 * width
-        return reads[0] + (reads[1] if len(reads) > 1 else 0) + 2 * outs + working
-
-
-
-def _num_layers(config: dict[str, Any] | None) -> int | None:
-    if not config:
-        return None
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    text = config.get("text_config")
-    return _num_layers(text) if isinstance(text, dict) else None
-
-
-def _output_dtype(recipe: Recipe, info: TensorInfo) -> torch.dtype:
-    if not is_float_code(info.dtype):
-        return info.torch_dtype
-    return recipe.out_dtype or recipe.dtype or info.torch_dtype
 
 
 def _check_names(recipe: Recipe, inputs: list[InputModel], headers: list[dict[str, TensorInfo]],
@@ -168,7 +75,15 @@ def build_plan(recipe: Recipe, open_source: SourceOpener) -> MergePlan:
     try:
         for inp in inputs:
             sources.append(open_input(recipe, open_source, inp))
-        return _plan(recipe, inputs, sources, open_source)
+        if recipe.vocab_policy != "error":
+            raise MergeError(f"{recipe.where('vocab_policy')}: vocab_policy "
+                             f"'{recipe.vocab_policy}' is not supported yet; give every model "
+                             "the same vocabulary size")
+        if recipe.slices is not None:
+            plan = plan_slices(recipe, inputs, sources)
+        else:
+            plan = _plan(recipe, inputs, sources)
+        return _finish_plan(plan, recipe, inputs, sources, open_source)
     except BaseException:
         for s in sources:
             s.close()
@@ -196,13 +111,11 @@ def open_input(recipe: Recipe, open_source: SourceOpener, inp: InputModel,
                          exit_code=exc.exit_code) from None
 
 
-def _plan(recipe: Recipe, inputs: list[InputModel], sources: list[CheckpointSource],
-          open_source: SourceOpener) -> MergePlan:
+def _plan(recipe: Recipe, inputs: list[InputModel], sources: list[CheckpointSource]
+          ) -> MergePlan:
+    """The ``models`` form: one job per tensor of the reference model."""
     method: Method = recipe.method
     spec = method.spec
-    if recipe.vocab_policy != "error":
-        raise MergeError(f"{recipe.where('vocab_policy')}: vocab_policy '{recipe.vocab_policy}' "
-                         "is not supported yet; give every model the same vocabulary size")
     headers = [s.tensors() for s in sources]
     base_pos = next((i for i, inp in enumerate(inputs) if inp.is_base), None)
     reference_pos = base_pos if base_pos is not None else 0
@@ -217,39 +130,36 @@ def _plan(recipe: Recipe, inputs: list[InputModel], sources: list[CheckpointSour
     _check_names(recipe, inputs, headers, reference_pos, warnings)
 
     ref_header = headers[reference_pos]
-    positions = layer_positions(list(ref_header), _num_layers(sources[reference_pos].config()))
-    compute_dtype = torch.float64 if recipe.dtype == torch.float64 else torch.float32
-
+    positions = layer_positions(list(ref_header),
+                                config_num_layers(sources[reference_pos].config()))
     jobs: list[TensorJob] = []
     for name, info in ref_header.items():
         t = positions.get(name, 0.0)
         if not is_float_code(info.dtype):
-            jobs.append(TensorJob(name, info, t, False, [reference_pos], [], {},
-                                  [OutputSpec(name, info.shape, info.torch_dtype)]))
+            jobs.append(copy_job(recipe, name, info, t, reference_pos))
             continue
         participants = [p for p in method_inputs if name in headers[p]]
-        model_params = [
-            {p.name: recipe.model_param(p.name, inputs[pos], name, t)
-             for p in spec.params if p.per_model}
-            for pos in participants]
-        params = {p.name: recipe.method_param(p.name, name, t)
-                  for p in spec.params if not p.per_model}
-        problem = method.check_tensor_params(name, model_params, params)
-        if problem:
-            raise MergeError(f"{recipe.display}: {problem}")
-        outputs = method.plan_outputs(name, info.shape, _output_dtype(recipe, info),
-                                      params=params, inputs=[inputs[p] for p in participants],
-                                      warn=warnings.append)
-        jobs.append(TensorJob(name, info, t, True, participants, model_params, params, outputs))
+        jobs.append(merge_tensor_job(recipe, inputs, name, info, t, participants, base_pos,
+                                     warnings))
+    return MergePlan(recipe, method, inputs, sources, headers, reference_pos, base_pos,
+                     method_inputs, jobs, compute_dtype_of(recipe), warnings=warnings)
 
-    donor = tokenizer_donor(recipe, inputs, sources, open_source, chosen)
-    _check_tokenizer_vocab(donor, ref_header)
-    plan = MergePlan(recipe, method, inputs, sources, headers, reference_pos, base_pos,
-                     method_inputs, jobs, compute_dtype, donor, warnings)
+
+def _finish_plan(plan: MergePlan, recipe: Recipe, inputs: list[InputModel],
+                 sources: list[CheckpointSource], open_source: SourceOpener) -> MergePlan:
+    """The tokenizer donor, the method's side inputs and its whole-plan check."""
+    chosen = plan.reference_pos if recipe.slices is None and \
+        recipe.method.reference_input(recipe) is not None else None
+    plan.tokenizer = tokenizer_donor(recipe, inputs, sources, open_source, chosen)
+    _check_tokenizer_vocab(plan.tokenizer, plan.headers[plan.reference_pos])
+    plan.unused = [s for s in sources if all(s is not t for t in plan.sources)]
     try:
-        for label, folder in method.side_inputs(plan).items():
+        for label, folder in recipe.method.side_inputs(plan).items():
+            if recipe.slices is not None:
+                raise MergeError(f"{recipe.display}: {label}: side inputs (importance maps, "
+                                 "masks) are keyed like one model and cannot be used with slices")
             plan.side[label] = open_side_input(folder, label)
-        method.check_plan(plan)
+        recipe.method.check_plan(plan)
     except BaseException:
         for src in plan.side.values():
             src.close()

@@ -57,9 +57,11 @@ def read_ahead(jobs: Iterator[T], read: Callable[[T], R], size: Callable[[T], in
 
 def reads_of(plan: MergePlan, job: TensorJob) -> list[int]:
     """Positions of the sources ``read_job`` reads for ``job``."""
+    if job.reads:  # a slice's tensor: read from its own inputs only
+        return job.participants if not job.merge else job.read_positions()
     if not job.merge:  # the reference's tensor, and the others' copies compared with it
         return [pos for pos, header in enumerate(plan.headers) if job.name in header]
-    return ([plan.base_pos] if plan.base_pos is not None else []) + list(job.participants)
+    return job.read_positions()
 
 
 def announce_reads(plan: MergePlan, jobs: list[TensorJob]) -> None:
@@ -68,9 +70,9 @@ def announce_reads(plan: MergePlan, jobs: list[TensorJob]) -> None:
     per_source: dict[int, list[str]] = {}
     for job in jobs:
         for pos in reads_of(plan, job):
-            per_source.setdefault(pos, []).append(job.name)
-    for pos, source in enumerate(plan.sources):
-        source.plan_reads(per_source.get(pos, []))
+            per_source.setdefault(id(plan.sources[pos]), []).append(job.read_name(pos))
+    for source in {id(s): s for s in plan.sources}.values():
+        source.plan_reads(per_source.get(id(source), []))
     for source in plan.side.values():
         source.plan_reads([job.name for job in jobs if job.merge and job.name in source.tensors()])
 
@@ -80,18 +82,21 @@ def read_job(plan: MergePlan, job: TensorJob, options: MergeOptions) -> JobInput
     reader thread, so it uses no multi-threaded torch op (those would fight the merge's
     threads for the cores): file reads and ``all_finite``'s numpy scan only."""
     if not job.merge:
-        result = JobInputs(plan.reference.read_tensor(job.name), [])
-        _warn_if_buffers_differ(plan, job, result.base)
+        pos = job.participants[0]
+        result = JobInputs(plan.sources[pos].read_tensor(job.read_name(pos)), [])
+        if not job.reads:
+            _warn_if_buffers_differ(plan, job, result.base)
     else:
         base = None
-        if plan.base_pos is not None:
-            base = _read_checked(plan, plan.base_pos, job.name, options)
-        inputs = [_read_checked(plan, pos, job.name, options) for pos in job.participants]
+        if job.base is not None:
+            base = _read_checked(plan, job.base, job.read_name(job.base), options)
+        inputs = [_read_checked(plan, pos, job.read_name(pos), options)
+                  for pos in job.participants]
         side = {label: src.read_tensor(job.name) for label, src in plan.side.items()
                 if job.name in src.tensors()}
         result = JobInputs(base, inputs, side)
     for pos in reads_of(plan, job):
-        plan.sources[pos].release(job.name)
+        plan.sources[pos].release(job.read_name(pos))
     for label in result.side:
         plan.side[label].release(job.name)
     return result

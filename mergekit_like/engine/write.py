@@ -56,7 +56,7 @@ def write_side_files(plan: MergePlan, folder: OutputFolder, groups: dict[str, li
         listed = shards + [s for g in joint for s in groups.get(g, [])] if not group else shards
         if len(listed) > 1:
             folder.write_side_file(index_filename(group), index_text(listed, __version__))
-    config = plan.reference.config()
+    config = plan.config if plan.config is not None else plan.reference.config()
     if config is not None:
         folder.write_side_file("config.json", updated_config(config, main_dtype_name(plan.outputs)))
     plan.warnings.extend(copy_side_files(folder, plan.tokenizer, plan.reference))
@@ -92,6 +92,7 @@ def plan_inputs(plan: MergePlan) -> list[tuple[str, Path]]:
     found: list[tuple[str, Path]] = []
     for inp, source in zip(plan.inputs, plan.sources):
         found.append((f"model {inp.ref.display}", source.local_root()))
+    found += [(f"model {source.ref}", source.local_root()) for source in plan.unused]
     found += [(f"side input {label}", src.local_root()) for label, src in plan.side.items()]
     found.append(("tokenizer source", plan.tokenizer.local_root()))
     if plan.recipe.path is not None and Path(plan.recipe.path).is_file():

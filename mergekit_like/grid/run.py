@@ -99,7 +99,8 @@ def read_signature(plan: MergePlan) -> tuple:
     order and lay out the same output shards: they can share a pass."""
     return (tuple(id(s) for s in plan.sources), plan.base_pos, tuple(sorted(plan.side)),
             tuple((o.name, tuple(o.shape), str(o.dtype)) for o in plan.outputs),
-            tuple((j.name, j.merge, tuple(j.participants)) for j in plan.jobs))
+            tuple((j.name, j.merge, tuple(j.participants), j.base, tuple(sorted(j.reads.items())))
+                  for j in plan.jobs))
 
 
 def group_passes(points: list[PlannedPoint], pass_size: int) -> list[list[PlannedPoint]]:

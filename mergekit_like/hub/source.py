@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable
@@ -55,7 +56,7 @@ class HubSource(CheckpointSource):
         self._data_start: dict[str, int] = {}
         self._pending: dict[str, Future] = {}
         self._order: list[str] = []                  # shards in the order the plan reads them
-        self._left: dict[str, set[str]] = {}         # low_disk: planned tensors not yet released
+        self._left: dict[str, Counter[str]] = {}         # low_disk: planned tensors not yet released
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-prefetch")
         self._config = (parse_config(self._side_file("config.json"), ref)
                         if "config.json" in self.siblings else None)
@@ -201,15 +202,15 @@ class HubSource(CheckpointSource):
 
     def plan_reads(self, names: Iterable[str]) -> None:
         order: list[str] = []
-        left: dict[str, set[str]] = {}
+        left: dict[str, Counter[str]] = {}  # a slice recipe may read a tensor twice
         for name in names:
             info = self._tensors.get(name)
             if info is None:
                 continue
             if info.file not in left:
                 order.append(info.file)
-                left[info.file] = set()
-            left[info.file].add(name)
+                left[info.file] = Counter()
+            left[info.file][name] += 1
         self._order, self._left = order, left
         if order and not self.settings.low_disk:  # fetch the first shard while the engine sets up
             with self._lock:
@@ -237,7 +238,10 @@ class HubSource(CheckpointSource):
             left = self._left.get(info.file)
             if left is None:
                 return
-            left.discard(name)
+            if left[name] > 1:
+                left[name] -= 1
+                return
+            left.pop(name, None)
             if left:
                 return
             del self._left[info.file]

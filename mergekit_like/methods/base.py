@@ -58,6 +58,8 @@ class Method:
 
     # ---- recipe (phase A) -------------------------------------------------------------------
 
+    takes_slices: bool = True
+    """False: the method merges whole models (data-driven ones), and refuses ``slices:``."""
     entry_keys: tuple[str, ...] = ()
     """Keys a ``models`` entry may hold besides model/parameters (twin's ``name``)."""
 

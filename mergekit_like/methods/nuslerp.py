@@ -33,12 +33,11 @@ class NuSlerp(Method):
             listed = any(m.is_base and m.listed for m in recipe.inputs)
             why = (" (base_model can not be one of the two models it merges)"
                    if listed and len(others) == 1 else "")
-            raise recipe.locator.error(("models",), "nuslerp with a base_model merges exactly "
-                                                    f"two other models, got {len(others)}{why}")
+            raise recipe.locator.error(recipe.models_path, "nuslerp with a base_model merges "
+                                       f"exactly two other models, got {len(others)}{why}")
         if recipe.base is None and len(others) > 2:
-            raise recipe.locator.error(("models",), "nuslerp merges exactly two models "
-                                                    f"(plus an optional base_model), got "
-                                                    f"{len(others)}")
+            raise recipe.locator.error(recipe.models_path, "nuslerp merges exactly two models "
+                                       f"(plus an optional base_model), got {len(others)}")
 
     def merge_tensor(self, task: TensorTask) -> torch.Tensor:
         models = present(task)

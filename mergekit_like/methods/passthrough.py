@@ -28,7 +28,7 @@ class Passthrough(Method):
     def check_recipe(self, recipe) -> None:
         n = len(recipe.inputs)
         if n != 1:
-            raise recipe.locator.error(("models",), f"passthrough takes exactly one model "
+            raise recipe.locator.error(recipe.models_path, f"passthrough takes exactly one model "
                                                     f"(base_model included), got {n}")
 
     def merge_tensor(self, task: TensorTask) -> torch.Tensor:

@@ -43,6 +43,7 @@ def rcp_merge(theta_r: torch.Tensor, theta_t: torch.Tensor, theta_pre: torch.Ten
 
 class RoleMethod(Method):
     """The part of rcp and rcp_approx that is not their mask: roles, reference, reports."""
+    takes_slices = False
 
     card_title: str
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,7 +15,7 @@ from mergekit_like.errors import MergeError
 from mergekit_like.recipe.spec import REQUIRED, MethodSpec, ParamSpec
 from mergekit_like.recipe.params import NO_VALUE, Setting, canonical, evaluate
 from mergekit_like.recipe.refs import ModelRef
-from mergekit_like.recipe.yaml_lines import Locator
+from mergekit_like.recipe.yaml_lines import Locator, dotted
 
 
 @dataclass
@@ -32,6 +32,34 @@ class InputModel:
     extra: dict[str, Any] = field(default_factory=dict)
     listed: bool = True
     """False for a base_model that is not listed under models (appended)."""
+    where: tuple = ()
+    """Its recipe path when it is not ``models[index]``: ``("slices", k, "sources", i)``."""
+
+
+@dataclass
+class SliceSource:
+    """One source of an output slice: an input (``InputModel``, its per-source parameters in
+    ``entry_params``) and the layers [start, stop) it contributes."""
+
+    inp: InputModel
+    start: int
+    stop: int
+
+
+@dataclass
+class SliceSpec:
+    """One entry of ``slices`` (docs/recipe.md §8): its sources (equal layer counts), the base
+    the method takes against (the slice's ``base_model``, else the recipe's, when it is one of
+    the sources) and the slice's own ``parameters`` (between a source's and the top level)."""
+
+    index: int
+    sources: list[SliceSource]
+    base: ModelRef | None
+    params: dict[str, Setting]
+
+    @property
+    def num_layers(self) -> int:
+        return self.sources[0].stop - self.sources[0].start
 
 
 @dataclass
@@ -58,6 +86,11 @@ class Recipe:
     methods: Mapping[str, Any] = field(default_factory=dict, repr=False)
     """The method table the recipe was validated with (a sub-recipe, twin's ``shared``, looks
     its operator up here)."""
+    slices: list[SliceSpec] | None = None
+    """The ``slices`` form (docs/recipe.md §8); None for the ``models`` form. ``inputs`` then
+    lists each distinct model once (no parameters); ``slice_view(k)`` is slice k as a recipe."""
+    slice_params: dict[str, Setting] = field(default_factory=dict)
+    """A slice view's own ``parameters``: consulted after a source's, before the top level."""
 
     # ------------------------------------------------------------ convenience
     @property
@@ -86,13 +119,32 @@ class Recipe:
         return self.locator.where(*path)
 
     def input_label(self, inp: InputModel) -> str:
-        """``models[1] (org/code-8b)`` or ``base_model (org/base)`` for an appended base."""
+        """``models[1] (org/code-8b)``, ``slices[0].sources[1] (org/x)``, or ``base_model
+        (org/base)`` for an appended base."""
         if not inp.listed:
             return f"base_model ({inp.ref.display})"
+        if inp.where:
+            return f"{dotted(inp.where)} ({inp.ref.display})"
         return f"models[{inp.index}] ({inp.ref.display})"
 
     def _input_path(self, inp: InputModel) -> tuple:
+        if inp.where:
+            return inp.where
         return ("models", inp.index) if inp.listed else ("base_model",)
+
+    @property
+    def models_path(self) -> tuple:
+        """Where the inputs are listed: ``("models",)``, or ``("slices", k, "sources")`` in a
+        slice view."""
+        first = self.inputs[0].where if self.inputs else ()
+        return first[:3] if first else ("models",)
+
+    def slice_view(self, k: int) -> "Recipe":
+        """Slice k as a ``models``-form recipe: its sources as the inputs (each with its own
+        parameters), its base, its parameters as ``slice_params``."""
+        sl = self.slices[k]
+        inputs = [src.inp for src in sl.sources]
+        return replace(self, inputs=inputs, base=sl.base, slices=None, slice_params=sl.params)
 
     def _param_spec(self, name: str) -> ParamSpec:
         p = self.spec.param(name)
@@ -111,17 +163,20 @@ class Recipe:
         if inp.is_base and not self.spec.base_joins_inputs:
             return None
         own = inp.entry_params.get(name)
+        mid = self.slice_params.get(name)
         top = self.top_params.get(name)
-        v = _first_value((own, top), p.default, tensor, t)
+        v = _first_value((own, mid, top), p.default, tensor, t)
         if v is not NO_VALUE:
             return v
         if own is not None:
             line_path = self._input_path(inp) + ("parameters", name)
+        elif mid is not None and inp.where:
+            line_path = inp.where[:2] + ("parameters", name)
         elif top is not None:
             line_path = ("parameters", name)
         else:
             line_path = self._input_path(inp)
-        why = ("it is not set" if own is None and top is None
+        why = ("it is not set" if own is None and mid is None and top is None
                else "no filter matched and there is no catch-all entry")
         raise MergeError(f"{self.locator.at(line_path, self.input_label(inp))}: '{name}' has no "
                          f"value for tensor '{tensor}' ({why})")
@@ -137,10 +192,11 @@ class Recipe:
         if p.per_model:
             raise ValueError(f"'{name}' is a per-model parameter; use model_param")
         top = self.top_params.get(name)
-        v = _first_value((top,), p.default, tensor, t)
+        mid = self.slice_params.get(name)
+        v = _first_value((mid, top), p.default, tensor, t)
         if v is not NO_VALUE:
             return v
-        why = "it is not set" if top is None else \
+        why = "it is not set" if top is None and mid is None else \
             "no filter matched and there is no catch-all entry"
         raise MergeError(f"{self.where('parameters', name)}: '{name}' has no value for tensor "
                          f"'{tensor}' ({why})")
@@ -175,7 +231,7 @@ class Recipe:
                 top[p.name] = _jsonable(canonical(self.top_params[p.name]))
             elif not p.per_model and p.default is not REQUIRED:
                 top[p.name] = _jsonable(p.default)
-        return {
+        resolved = {
             "merge_method": self.merge_method,
             "base_model": self.base.resolved() if self.base is not None else None,
             "models": models,
@@ -190,6 +246,17 @@ class Recipe:
             "on_missing_tensor": self.on_missing_tensor,
             "on_extra_tensor": self.on_extra_tensor,
         }
+        if self.slices is not None:
+            resolved["slices"] = [self._resolved_slice(k) for k in range(len(self.slices))]
+        return resolved
+
+    def _resolved_slice(self, k: int) -> dict[str, Any]:
+        sl = self.slices[k]
+        view = self.slice_view(k).resolved()
+        for entry, src in zip(view["models"], sl.sources):
+            entry["layer_range"] = [src.start, src.stop]
+        return {"sources": view["models"], "base_model": view["base_model"],
+                "parameters": _jsonable({n: canonical(s) for n, s in sl.params.items()})}
 
     def resolved_json(self) -> str:
         """``resolved()`` as canonical JSON: sorted keys, compact separators."""

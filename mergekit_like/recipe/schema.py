@@ -16,15 +16,18 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationErro
 from mergekit_like.errors import MergeError
 from mergekit_like.recipe.yaml_lines import Locator
 
-MERGEKIT_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-                 "tokenizer_source", "chat_template")
+MERGEKIT_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype",
+                 "out_dtype", "tokenizer_source", "chat_template")
 EXTENSION_KEYS = ("seed", "vocab_policy", "on_missing_tensor", "on_extra_tensor")
 TOP_LEVEL_KEYS = MERGEKIT_KEYS + EXTENSION_KEYS
 ENTRY_KEYS = ("model", "parameters")
+SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
 
 UNSUPPORTED_KEYS = {
-    "slices": "layer-range assembly ('slices') is not supported yet; use 'models:'",
-    "modules": "per-module recipes ('modules') are not supported yet; use 'models:'",
+    "modules": "per-module recipes ('modules', for multi-module architectures such as "
+               "vision-language models) are not supported; use 'models:' or 'slices:', which "
+               "merge every tensor of the checkpoint",
     "tokenizer": "the 'tokenizer' block is not supported yet; use 'tokenizer_source: base' or a "
                  "model reference",
 }
@@ -39,11 +42,31 @@ class EntryDoc(BaseModel):
     parameters: dict[Any, Any] | None = None
 
 
+class SourceDoc(BaseModel):
+    """One source of a slice: a model and the layers [a, b) it contributes."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Any
+    layer_range: Any
+    parameters: dict[Any, Any] | None = None
+
+
+class SliceDoc(BaseModel):
+    """One output slice (docs/recipe.md §8)."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SourceDoc]
+    base_model: Any = None
+    parameters: dict[Any, Any] | None = None
+    residual_weight: Any = None
+
+
 class RecipeDoc(BaseModel):
     model_config = ConfigDict(extra="forbid")
     merge_method: StrictStr
     base_model: Any = None
     models: list[EntryDoc] | None = None
+    slices: list[SliceDoc] | None = None
     parameters: dict[Any, Any] | None = None
     dtype: Any = None
     out_dtype: Any = None
@@ -85,7 +108,7 @@ def _translate(err: dict, data: dict, loc: Locator) -> MergeError:
     kind = err["type"]
     value = err.get("input")
     if kind == "extra_forbidden":
-        return unknown_key(loc, path, TOP_LEVEL_KEYS if len(path) == 1 else ENTRY_KEYS)
+        return unknown_key(loc, path, _known_keys(path))
     if kind == "missing":
         field = path[-1]
         parent = path[:-1]
@@ -93,6 +116,9 @@ def _translate(err: dict, data: dict, loc: Locator) -> MergeError:
             return loc.error((), "'merge_method' is required (the merge operator, e.g. ties)")
         if field == "model":
             return loc.error(parent, "'model' is required (the model reference of this entry)")
+        if field == "layer_range":
+            return loc.error(parent, "'layer_range' is required (the layers [a, b) this source "
+                                     "contributes)")
         return loc.error(parent, f"'{field}' is required")
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
@@ -110,6 +136,15 @@ def _translate(err: dict, data: dict, loc: Locator) -> MergeError:
     return loc.error(path, err.get("msg", "invalid value"))  # pragma: no cover - fallback
 
 
+def _known_keys(path: tuple) -> tuple[str, ...]:
+    """The keys allowed where an unknown ``path[-1]`` was found."""
+    if len(path) == 1:
+        return TOP_LEVEL_KEYS
+    if path[0] == "slices":
+        return SLICE_KEYS if len(path) == 3 else SOURCE_KEYS
+    return ENTRY_KEYS
+
+
 def check_document(data: Any, loc: Locator) -> RecipeDoc:
     """Schema check of the whole document; raises the first error in file order."""
     if data is None:
@@ -123,8 +158,13 @@ def check_document(data: Any, loc: Locator) -> RecipeDoc:
         if key in data:
             raise loc.error((key,), message)
     try:
-        return RecipeDoc.model_validate(data)
+        doc = RecipeDoc.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()
         errors.sort(key=lambda e: (loc.line(*e["loc"]) or 0))
         raise _translate(errors[0], data, loc) from None
+    if doc.models is not None and doc.slices is not None:
+        raise loc.error(("slices",), "a recipe has either 'models' or 'slices', not both")
+    if doc.slices is not None and not doc.slices:
+        raise loc.error(("slices",), "'slices' is empty; list at least one slice")
+    return doc

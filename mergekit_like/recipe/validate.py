@@ -21,6 +21,7 @@ from mergekit_like.recipe.checker import show as _show
 from mergekit_like.recipe.model import InputModel, Recipe
 from mergekit_like.recipe.params import Scalar, Setting, leaves
 from mergekit_like.recipe.refs import ModelRef, parse_ref
+from mergekit_like.recipe.slices import build_slices
 from mergekit_like.recipe.schema import (ENTRY_KEYS, RecipeDoc, check_document, suggest,
                                          unknown_key)
 from mergekit_like.recipe.spec import REQUIRED, MethodSpec, ParamSpec
@@ -62,17 +63,24 @@ def build_recipe(data: Any, loc: Locator, *, path: Path, text: str, seed: int | 
     tokenizer_source = _tokenizer_source(doc, base, loc, warnings)
     dtypes = _dtypes(doc, loc)
 
-    _check_base_present(spec, name, base, loc)
-    inputs, base = _input_models(refs, entries, base)
+    slices = None
+    if doc.slices is not None:
+        if not getattr(method, "takes_slices", True):
+            raise loc.error(("slices",), f"merge_method '{name}' merges whole models; use "
+                                         "'models:' (slices are for static merge methods)")
+        top_params = _top_params(doc, spec, name, checker, loc)
+        inputs, slices = build_slices(doc, spec, checker, loc, base, top_params, warnings)
+    else:
+        _check_base_present(spec, name, base, loc)
+        inputs, base = _input_models(refs, entries, base)
+        _check_input_counts(spec, name, inputs, base, loc)
+        top_params = _top_params(doc, spec, name, checker, loc)
+        _entry_params(inputs, entries, spec, name, checker, loc, warnings)
+        _check_required_params(spec, name, inputs, top_params, loc)
+        _check_trim_scope(spec, top_params, inputs, loc)
     if tokenizer_source is not None:  # the input's object for the same model, as for base
         tokenizer_source = next((m.ref for m in inputs if m.ref.key == tokenizer_source.key),
                                 tokenizer_source)
-    _check_input_counts(spec, name, inputs, base, loc)
-
-    top_params = _top_params(doc, spec, name, checker, loc)
-    _entry_params(inputs, entries, spec, name, checker, loc, warnings)
-    _check_required_params(spec, name, inputs, top_params, loc)
-    _check_trim_scope(spec, top_params, inputs, loc)
     if doc.seed is not None and doc.seed < 0:
         raise loc.error(("seed",), f"must be a non-negative integer, got {doc.seed}")
     _note_pure_sign_consensus(name, spec, top_params, inputs)
@@ -85,9 +93,10 @@ def build_recipe(data: Any, loc: Locator, *, path: Path, text: str, seed: int | 
         seed=seed if seed is not None else (doc.seed if doc.seed is not None else 0),
         vocab_policy=doc.vocab_policy, on_missing_tensor=doc.on_missing_tensor,
         on_extra_tensor=doc.on_extra_tensor, warnings=warnings, top_params=top_params,
-        locator=loc, methods=methods)
+        locator=loc, methods=methods, slices=slices)
     if not isinstance(method, MethodSpec):  # a Method: its own phase-A checks (Method.check_recipe)
-        method.check_recipe(recipe)
+        for view in ([recipe.slice_view(k) for k in range(len(slices))] if slices else [recipe]):
+            method.check_recipe(view)
     return recipe
 
 

@@ -60,6 +60,7 @@ def group_of(task: str) -> str:
 # ---- engine adapter -----------------------------------------------------------------------------
 
 class Twin(Method):
+    takes_slices = False
     spec = MethodSpec(
         name="twin",
         params=(

@@ -61,6 +61,7 @@ def init_router(seed: int, layer: int, hidden: int, d: int, lam: float,
 # ---- engine adapter -----------------------------------------------------------------------------
 
 class WEMoE(Method):
+    takes_slices = False
     spec = MethodSpec(
         name="wemoe",
         params=(

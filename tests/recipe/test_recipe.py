@@ -149,10 +149,9 @@ def test_dtype_alias_rejected_and_torch_prefix_accepted(rec, err):
     assert rec(body).dtype is None and rec(body).out_dtype is None
 
 
-def test_slices_rejected(err):
+def test_empty_slice_rejected(err):
     msg = err("merge_method: ties\nbase_model: org/b\n# x\n# y\nslices:\n  - sources: []\n")
-    assert msg == ("recipe.yml:5 slices: layer-range assembly ('slices') is not supported yet; "
-                   "use 'models:'")
+    assert msg == "recipe.yml:6 slices[0].sources: a slice needs at least one source"
 
 
 def test_density_out_of_range(err):
@@ -199,7 +198,7 @@ def test_yaml_syntax_error_reports_line(err):
 def test_unknown_top_level_key_with_suggestion(err):
     msg = err(TIES_HEAD + "  - {model: org/a, parameters: {weight: 1}}\ndtyp: float32\n")
     assert msg.startswith("recipe.yml:5 dtyp: unknown key; did you mean 'dtype'? (known: "
-                          "merge_method, base_model, models, parameters, dtype, out_dtype,")
+                          "merge_method, base_model, models, slices, parameters, dtype, out_dtype,")
     msg = err(TIES_HEAD + "  - model: org/a\n    paramters: {weight: 1}\n")
     assert msg == ("recipe.yml:5 models[0].paramters: unknown key; did you mean 'parameters'? "
                    "(known: model, parameters)")
