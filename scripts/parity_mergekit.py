@@ -19,7 +19,8 @@ Deterministic methods: max |diff| over all tensors, and the largest per-tensor m
 |mergekit value|. Random methods (dare_*, della*): the masks come from different generators, so
 instead the task-vector norm ratio ‖ours − base‖ / ‖mergekit − base‖ and each model's kept
 fraction (one more merge per model with the other weights set to 0; kept means out ≠ base).
-One markdown row per method goes to stdout and, unless --no-doc, between the table markers of
+The recipe shapes of recipes/shapes/ (slices: layer stacking, per-slice gradients and
+parameters) are compared the same way, one row each. One markdown row per method goes to stdout and, unless --no-doc, between the table markers of
 docs/parity.md. Methods missing from mergekit's registry are reported, not failed.
 """
 
@@ -44,6 +45,7 @@ from mergekit_like.registry import method_names
 REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / ".parity-venv"
 DOC = REPO / "docs" / "parity.md"
+SHAPES = sorted((REPO / "recipes" / "shapes").glob("*.yml"))
 MERGEKIT = "mergekit==0.1.5"
 RANDOM = ("dare_ties", "dare_linear", "della", "della_linear")
 SKIP = ("twin", "wemoe", "rcp", "rcp_approx")  # mergekit_like's own methods
@@ -246,6 +248,26 @@ def compare(method: str, fam: Path, work: Path, base: dict, venv: Path,
             kept, where]
 
 
+def shape_recipe(path: Path, fam: Path) -> dict:
+    """A recipes/shapes example pointed at the parity family, in float32."""
+    text = path.read_text().replace("./demo_models/", f"{fam}/")
+    return {**yaml.safe_load(text), "dtype": "float32", "out_dtype": "float32"}
+
+
+def compare_shape(path: Path, fam: Path, work: Path, base: dict, venv: Path) -> list[str]:
+    """One table row for a recipe shape (slices): max |diff| over every output tensor."""
+    name = f"shape: {path.stem}"
+    try:
+        mk, ml = merge_both(shape_recipe(path, fam), work, f"shape-{path.stem}", venv)
+        s = diff_stats(mk, ml, base)
+    except RuntimeError as exc:
+        return [name, "error", "", "", "", "", str(exc).replace("|", "/")]
+    status = "match" if s["abs"] <= 1e-5 else "differs"
+    where = s["where"].removeprefix("model.") if s["abs"] > 0 else ""
+    return [name, status, f"{s['abs']:.2e}", f"{s['rel']:.2e}", f"{s['tv_ratio']:.4f}", "",
+            where]
+
+
 def table(rows: list[list[str]]) -> str:
     head = ["method", "status", "max abs diff", "max rel diff", "TV norm ratio (ours/mk)",
             "kept fraction per model (density: ours/mk)", "worst tensor / note"]
@@ -272,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--venv", type=Path, default=VENV)
     parser.add_argument("--jobs", type=int, default=4, help="methods merged concurrently")
     parser.add_argument("--no-doc", action="store_true", help="do not update docs/parity.md")
+    parser.add_argument("--shapes", action="store_true",
+                        help="with --methods: also the recipes/shapes examples (slices)")
     args = parser.parse_args(argv)
     ensure_venv(args.venv)
     available = mergekit_methods(args.venv)
@@ -285,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         rows = list(pool.map(lambda m: compare(m, fam, runs, base, args.venv, available),
                              methods))
+        if not args.methods or args.shapes:
+            rows += list(pool.map(lambda p: compare_shape(p, fam, runs, base, args.venv),
+                                  SHAPES))
     text = table(rows)
     print(text)
     if not args.no_doc:

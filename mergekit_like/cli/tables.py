@@ -29,12 +29,16 @@ def print_plan(plan, out: Path, options) -> None:
     table.add_column("bytes", justify="right")
     for pos, (inp, header) in enumerate(zip(plan.inputs, plan.headers)):
         role = "base" if inp.is_base else "model"
+        if inp.where:
+            role += f" of slice {inp.where[1]}"
         if pos == plan.reference_pos:
             role += " (reference)"
         files = len({t.file for t in header.values()})
         table.add_row(inp.ref.display, role, str(len(header)), str(files),
                       fmt_bytes(sum(t.nbytes for t in header.values())))
     out_console.print(table)
+    for line in plan.layer_map:
+        out_console.print(line, markup=False, highlight=False)
     merged = sum(1 for j in plan.jobs if j.merge)
     out_console.print(f"output tensors: {len(plan.outputs)} ({merged} merged, "
                       f"{len(plan.jobs) - merged} copied from the reference)")

@@ -33,6 +33,9 @@ class TensorJob:
     base: int | None = None  # position in plan.inputs of the base it is taken against
     reads: dict[int, str] = field(default_factory=dict)
     """position → the tensor read there when it is not ``name`` (a slice's source layer)."""
+    align: str = ""
+    """How the inputs' rows are aligned first (engine/vocab_plan.py): "" none, "vocab" by
+    token to the output vocabulary, "common" the rows every model has."""
 
     def read_name(self, pos: int) -> str:
         return self.reads.get(pos, self.name)
@@ -73,6 +76,10 @@ class MergePlan:
     """The output's config.json when it is not the reference's (slices: the stacked one)."""
     layer_map: list[str] = field(default_factory=list)
     """Lines describing which source layers make each output layer (slices; --dry-run)."""
+    vocab: Any = None
+    """``engine.vocab.VocabPlan`` when the rows of per-token tensors are aligned by token."""
+    chat_template: str | None = None
+    """The chat template to write into the output's tokenizer files (None: keep theirs)."""
     unused: list[CheckpointSource] = field(default_factory=list)
     """Opened sources no job reads (a base_model no slice lists), closed with the plan."""
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 from mergekit_like.engine.options import MergeOptions
-from mergekit_like.engine.plan import MergePlan, TensorJob
+from mergekit_like.engine.jobs import MergePlan, TensorJob
 from mergekit_like.engine.read import JobInputs
+from mergekit_like.engine.vocab_plan import align_inputs
 from mergekit_like.methods.base import TensorTask
 
 
@@ -33,6 +34,8 @@ def merge_job(plan: MergePlan, job: TensorJob, inputs: JobInputs, options: Merge
     to ``reports[job.name]``."""
     if not job.merge:
         return {job.name: inputs.base}
+    if job.align:
+        inputs = align_inputs(plan, job, inputs)
     device = options.device
     task = TensorTask(
         name=job.name,

@@ -15,6 +15,7 @@ from mergekit_like.dtypes import is_float_code
 from mergekit_like.engine.jobs import (MergePlan, TensorJob, compute_dtype_of, copy_job,
                                        merge_tensor_job)
 from mergekit_like.engine.slice_plan import plan_slices
+from mergekit_like.engine.vocab_plan import plan_vocab, rows_may_differ
 from mergekit_like.errors import MergeError
 from mergekit_like.io.layers import config_num_layers
 from mergekit_like.io.local import LocalSource
@@ -58,7 +59,7 @@ def _check_names(recipe: Recipe, inputs: list[InputModel], headers: list[dict[st
             other = header.get(name)
             if other is None:
                 continue
-            if other.shape != info.shape:
+            if other.shape != info.shape and not rows_may_differ(name, info, other):
                 raise MergeError(
                     f"{who}: tensor '{name}' has shape {list(other.shape)}, "
                     f"{ref_label} has {list(info.shape)}")
@@ -75,10 +76,6 @@ def build_plan(recipe: Recipe, open_source: SourceOpener) -> MergePlan:
     try:
         for inp in inputs:
             sources.append(open_input(recipe, open_source, inp))
-        if recipe.vocab_policy != "error":
-            raise MergeError(f"{recipe.where('vocab_policy')}: vocab_policy "
-                             f"'{recipe.vocab_policy}' is not supported yet; give every model "
-                             "the same vocabulary size")
         if recipe.slices is not None:
             plan = plan_slices(recipe, inputs, sources)
         else:
@@ -151,8 +148,10 @@ def _finish_plan(plan: MergePlan, recipe: Recipe, inputs: list[InputModel],
     chosen = plan.reference_pos if recipe.slices is None and \
         recipe.method.reference_input(recipe) is not None else None
     plan.tokenizer = tokenizer_donor(recipe, inputs, sources, open_source, chosen)
-    _check_tokenizer_vocab(plan.tokenizer, plan.headers[plan.reference_pos])
     plan.unused = [s for s in sources if all(s is not t for t in plan.sources)]
+    plan_vocab(plan)
+    if not any(job.align for job in plan.jobs):
+        _check_tokenizer_vocab(plan.tokenizer, plan.headers[plan.reference_pos])
     try:
         for label, folder in recipe.method.side_inputs(plan).items():
             if recipe.slices is not None:

@@ -12,7 +12,7 @@ import torch
 
 from mergekit_like.dtypes import all_finite
 from mergekit_like.engine.options import MergeOptions
-from mergekit_like.engine.plan import MergePlan, TensorJob
+from mergekit_like.engine.jobs import MergePlan, TensorJob
 from mergekit_like.errors import MergeError
 
 

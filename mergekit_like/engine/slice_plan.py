@@ -15,6 +15,7 @@ from mergekit_like.engine.jobs import (MergePlan, TensorJob, compute_dtype_of, c
                                        merge_tensor_job)
 from mergekit_like.engine.layer_map import (OutputLayer, layer_name, layer_tensors, main_stack,
                                             non_layer_split, output_layers, stacked_config)
+from mergekit_like.engine.vocab_plan import rows_may_differ
 from mergekit_like.errors import MergeError
 from mergekit_like.io.layers import config_num_layers, layer_stacks
 from mergekit_like.io.source import CheckpointSource, TensorInfo
@@ -124,7 +125,8 @@ def _job(recipe: Recipe, sl: _Slice, inputs: list[InputModel],
                 warnings.append(f"{who}: lacks '{src_name}', merged without it")
                 continue
             raise MergeError(f"{who} lacks '{src_name}' (needed for output '{name}')")
-        if other.shape != info.shape or is_float_code(other.dtype) != is_float_code(info.dtype):
+        if (other.shape != info.shape and not rows_may_differ(src_name, info, other)) \
+                or is_float_code(other.dtype) != is_float_code(info.dtype):
             raise MergeError(f"{who}: tensor '{src_name}' is {other.dtype} {list(other.shape)}, "
                              f"the slice's reference has {info.dtype} {list(info.shape)}")
         if pos != sl.base:

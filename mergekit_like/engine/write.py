@@ -14,11 +14,12 @@ from mergekit_like import __version__
 from mergekit_like.io.output import OutputFolder
 from mergekit_like.ops.drop import SCHEME as DROP_SCHEME
 from mergekit_like.io.shards import ShardPlan, index_filename, index_text, plan_shards
-from mergekit_like.io.side_files import (copy_side_files, main_dtype_name, model_card,
-                                         updated_config)
+from mergekit_like.io.side_files import (TOKENIZER_FILES, copy_side_files, main_dtype_name,
+                                         model_card, updated_config)
 from mergekit_like.io.verify import verify_output
 from mergekit_like.io.writer import iter_write_order
-from mergekit_like.engine.plan import MergePlan, TensorJob
+from mergekit_like.engine.chat_templates import set_chat_template
+from mergekit_like.engine.jobs import MergePlan, TensorJob
 
 
 
@@ -59,7 +60,7 @@ def write_side_files(plan: MergePlan, folder: OutputFolder, groups: dict[str, li
     config = plan.config if plan.config is not None else plan.reference.config()
     if config is not None:
         folder.write_side_file("config.json", updated_config(config, main_dtype_name(plan.outputs)))
-    plan.warnings.extend(copy_side_files(folder, plan.tokenizer, plan.reference))
+    write_tokenizer_files(plan, folder)
     recipe = plan.recipe
     models = [inp.ref.display if inp.ref.is_local or not inp.ref.sha
               else f"{inp.ref.path} (commit {inp.ref.sha})" for inp in plan.inputs]
@@ -72,6 +73,27 @@ def write_side_files(plan: MergePlan, folder: OutputFolder, groups: dict[str, li
         method=recipe.merge_method, base_models=hub_models, models=models,
         recipe_text=recipe.text, extra=extra, title=plan.method.card_title))
     folder.write_side_file("mergekit_config.yml", recipe.text)
+
+
+def write_tokenizer_files(plan: MergePlan, folder: OutputFolder) -> None:
+    """The donor's tokenizer files (and the reference's generation/processor configs), or the
+    merged vocabulary's (``plan.vocab``); then the recipe's chat template, if any."""
+    if plan.vocab is not None:
+        plan.warnings.extend(copy_side_files(folder, None, plan.reference))
+        for name, data in plan.vocab.files(plan.chat_template).items():
+            folder.write_side_file(name, data)
+        return
+    plan.warnings.extend(copy_side_files(folder, plan.tokenizer, plan.reference))
+    if plan.chat_template is None:
+        return
+    present = {n: (folder.partial / n).read_bytes() for n in TOKENIZER_FILES
+               if (folder.partial / n).is_file()}
+    updated = set_chat_template(present, plan.chat_template)
+    for name in present.keys() - updated.keys():
+        (folder.partial / name).unlink()
+    for name, data in updated.items():
+        if present.get(name) != data:
+            folder.write_side_file(name, data)
 
 
 def finish_output(plan: MergePlan, folder: OutputFolder, groups: dict[str, list[ShardPlan]],

@@ -89,6 +89,9 @@ class Recipe:
     slices: list[SliceSpec] | None = None
     """The ``slices`` form (docs/recipe.md §8); None for the ``models`` form. ``inputs`` then
     lists each distinct model once (no parameters); ``slice_view(k)`` is slice k as a recipe."""
+    vocab: Any = None
+    """``recipe.vocab.VocabSpec`` when the recipe merges vocabularies (tokenizer_source or the
+    tokenizer block set), else None."""
     slice_params: dict[str, Setting] = field(default_factory=dict)
     """A slice view's own ``parameters``: consulted after a source's, before the top level."""
 
@@ -246,6 +249,8 @@ class Recipe:
             "on_missing_tensor": self.on_missing_tensor,
             "on_extra_tensor": self.on_extra_tensor,
         }
+        if self.vocab is not None:
+            resolved["vocab"] = self.vocab.resolved()
         if self.slices is not None:
             resolved["slices"] = [self._resolved_slice(k) for k in range(len(self.slices))]
         return resolved

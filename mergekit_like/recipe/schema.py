@@ -17,7 +17,7 @@ from mergekit_like.errors import MergeError
 from mergekit_like.recipe.yaml_lines import Locator
 
 MERGEKIT_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype",
-                 "out_dtype", "tokenizer_source", "chat_template")
+                 "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
 EXTENSION_KEYS = ("seed", "vocab_policy", "on_missing_tensor", "on_extra_tensor")
 TOP_LEVEL_KEYS = MERGEKIT_KEYS + EXTENSION_KEYS
 ENTRY_KEYS = ("model", "parameters")
@@ -28,8 +28,6 @@ UNSUPPORTED_KEYS = {
     "modules": "per-module recipes ('modules', for multi-module architectures such as "
                "vision-language models) are not supported; use 'models:' or 'slices:', which "
                "merge every tensor of the checkpoint",
-    "tokenizer": "the 'tokenizer' block is not supported yet; use 'tokenizer_source: base' or a "
-                 "model reference",
 }
 
 
@@ -71,9 +69,10 @@ class RecipeDoc(BaseModel):
     dtype: Any = None
     out_dtype: Any = None
     tokenizer_source: Any = None
+    tokenizer: Any = None
     chat_template: Any = None
     seed: StrictInt | None = None
-    vocab_policy: Literal["error", "base"] = "error"
+    vocab_policy: Literal["common", "error"] = "common"
     on_missing_tensor: Literal["error", "skip"] = "error"
     on_extra_tensor: Literal["error", "ignore"] = "error"
 
@@ -162,7 +161,11 @@ def check_document(data: Any, loc: Locator) -> RecipeDoc:
     except ValidationError as exc:
         errors = exc.errors()
         errors.sort(key=lambda e: (loc.line(*e["loc"]) or 0))
-        raise _translate(errors[0], data, loc) from None
+        first = errors[0]
+        if first["type"] == "missing":  # a misspelt key is the better message: 'layers' for
+            first = next((e for e in errors if e["type"] == "extra_forbidden"  # 'layer_range'
+                          and tuple(e["loc"][:-1]) == tuple(first["loc"][:-1])), first)
+        raise _translate(first, data, loc) from None
     if doc.models is not None and doc.slices is not None:
         raise loc.error(("slices",), "a recipe has either 'models' or 'slices', not both")
     if doc.slices is not None and not doc.slices:

@@ -22,6 +22,7 @@ from mergekit_like.recipe.model import InputModel, Recipe
 from mergekit_like.recipe.params import Scalar, Setting, leaves
 from mergekit_like.recipe.refs import ModelRef, parse_ref
 from mergekit_like.recipe.slices import build_slices
+from mergekit_like.recipe.vocab import tokenizer_settings
 from mergekit_like.recipe.schema import (ENTRY_KEYS, RecipeDoc, check_document, suggest,
                                          unknown_key)
 from mergekit_like.recipe.spec import REQUIRED, MethodSpec, ParamSpec
@@ -56,11 +57,9 @@ def build_recipe(data: Any, loc: Locator, *, path: Path, text: str, seed: int | 
     method = _known_method(name, loc, methods)
     spec = _spec_of(method)
     checker = _Checker(spec, loc, warnings)
-    _check_unsupported_features(doc, loc, warnings)
 
     entries: list[dict] = list(data.get("models") or [])
     base, refs = _model_refs(doc, entries, method, loc, warnings)
-    tokenizer_source = _tokenizer_source(doc, base, loc, warnings)
     dtypes = _dtypes(doc, loc)
 
     slices = None
@@ -78,9 +77,7 @@ def build_recipe(data: Any, loc: Locator, *, path: Path, text: str, seed: int | 
         _entry_params(inputs, entries, spec, name, checker, loc, warnings)
         _check_required_params(spec, name, inputs, top_params, loc)
         _check_trim_scope(spec, top_params, inputs, loc)
-    if tokenizer_source is not None:  # the input's object for the same model, as for base
-        tokenizer_source = next((m.ref for m in inputs if m.ref.key == tokenizer_source.key),
-                                tokenizer_source)
+    vocab, tokenizer_source = tokenizer_settings(doc, loc, base, inputs, warnings)
     if doc.seed is not None and doc.seed < 0:
         raise loc.error(("seed",), f"must be a non-negative integer, got {doc.seed}")
     _note_pure_sign_consensus(name, spec, top_params, inputs)
@@ -93,7 +90,7 @@ def build_recipe(data: Any, loc: Locator, *, path: Path, text: str, seed: int | 
         seed=seed if seed is not None else (doc.seed if doc.seed is not None else 0),
         vocab_policy=doc.vocab_policy, on_missing_tensor=doc.on_missing_tensor,
         on_extra_tensor=doc.on_extra_tensor, warnings=warnings, top_params=top_params,
-        locator=loc, methods=methods, slices=slices)
+        locator=loc, methods=methods, slices=slices, vocab=vocab)
     if not isinstance(method, MethodSpec):  # a Method: its own phase-A checks (Method.check_recipe)
         for view in ([recipe.slice_view(k) for k in range(len(slices))] if slices else [recipe]):
             method.check_recipe(view)
@@ -113,20 +110,6 @@ def _known_method(name: str, loc: Locator, methods: Mapping[str, Any] | None) ->
         raise MergeError(f"{loc.at(('merge_method',), '')} merge_method '{name}' is not supported "
                          f"yet (supported: {', '.join(implemented) or 'none'})")
     return method
-
-
-def _check_unsupported_features(doc: RecipeDoc, loc: Locator, warnings: list[str]) -> None:
-    """Reject the features whose support depends on their value (``chat_template`` other than
-    'auto', ``tokenizer_source: union``); warn what 'auto' does."""
-    if doc.chat_template is not None:
-        if doc.chat_template != "auto":
-            raise loc.error(("chat_template",), f"only 'auto' is supported for now (got "
-                                                f"{_show(doc.chat_template)})")
-        warnings.append(f"{loc.where('chat_template')}: 'auto' keeps the donor's chat template; "
-                        "mergekit would pick the most common template among the inputs")
-    if doc.tokenizer_source == "union":
-        raise loc.error(("tokenizer_source",), "'union' (a merged vocabulary) is not supported "
-                                               "yet; use 'base' or a model reference")
 
 
 def _model_refs(doc: RecipeDoc, entries: list[dict], method: Any, loc: Locator,
@@ -150,20 +133,6 @@ def _model_refs(doc: RecipeDoc, entries: list[dict], method: Any, loc: Locator,
         seen[ref.key] = i
         refs.append(ref)
     return base, refs
-
-
-def _tokenizer_source(doc: RecipeDoc, base: ModelRef | None, loc: Locator,
-                      warnings: list[str]) -> ModelRef | None:
-    """The model named by ``tokenizer_source``; None when it is unset or 'base' (warned about
-    when there is no base_model)."""
-    if doc.tokenizer_source == "base":
-        if base is None:
-            warnings.append(f"{loc.where('tokenizer_source')}: 'base' but there is no base_model; "
-                            "the first model's tokenizer is used")
-        return None
-    if doc.tokenizer_source is not None:
-        return parse_ref(doc.tokenizer_source, loc, ("tokenizer_source",), warnings)
-    return None
 
 
 def _dtypes(doc: RecipeDoc, loc: Locator) -> dict[str, Any]:

@@ -164,7 +164,7 @@ def test_pickle_refused_unless_allowed(tmp_path, capsys):
 
 def test_vocab_policy_base_is_refused_up_front(fam, tmp_path, capsys):
     expect_error(tmp_path, capsys, ta_recipe(fam, vocab_policy="base"), "recipe.yml:",
-                 "vocab_policy", "not supported yet")
+                 "vocab_policy", "use 'common' or 'error'")
 
 
 def test_tied_base_with_untied_model_needs_on_extra_tensor(tmp_path, capsys):

@@ -12,6 +12,7 @@ from support.helpers import config_of, load_folder, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yml"))
+SHAPES = sorted((ROOT / "recipes" / "shapes").glob("*.yml"))
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,25 @@ def test_example_recipe_runs(recipe, demo_dir, capsys, monkeypatch):
     assert changed > len(base) // 2  # a real merge, not a copy of the base
     assert (out / "mergekit_config.yml").read_text() == recipe.read_text()
     assert_loads_in_transformers(out, wemoe=recipe.stem == "wemoe")
+
+
+@pytest.mark.parametrize("recipe", SHAPES, ids=lambda p: p.stem)
+def test_recipe_shape_runs(recipe, demo_dir, capsys, monkeypatch):
+    """The slices examples (recipes/shapes/) run unchanged and load in transformers; the
+    layer count is the slices' total."""
+    import yaml
+
+    monkeypatch.chdir(demo_dir)
+    out = demo_dir / f"out-shape-{recipe.stem}"
+    code, _, err = run_cli(["merge", recipe, out, "-q"], capsys)
+    assert code == 0, err
+    doc = yaml.safe_load(recipe.read_text())
+    layers = sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0]
+                 for s in doc["slices"])
+    assert config_of(out)["num_hidden_layers"] == layers
+    merged = load_folder(out)
+    assert max(int(k.split(".")[2]) for k in merged if k.startswith("model.layers.")) == layers - 1
+    assert_loads_in_transformers(out, wemoe=False)
 
 
 def assert_loads_in_transformers(out: Path, *, wemoe: bool) -> None:

@@ -205,7 +205,7 @@ def test_unknown_top_level_key_with_suggestion(err):
     assert err("base_model: org/b\n") == \
         "recipe.yml: 'merge_method' is required (the merge operator, e.g. ties)"
     assert err("merge_method: ties\nvocab_policy: pad\n") == \
-        "recipe.yml:2 vocab_policy: 'pad' is not allowed; use 'error' or 'base'"
+        "recipe.yml:2 vocab_policy: 'pad' is not allowed; use 'common' or 'error'"
     assert "models[0]: expected a map like {model: org/name" in err(
         "merge_method: linear\nmodels: [org/a]\n")
 
@@ -213,16 +213,12 @@ def test_unknown_top_level_key_with_suggestion(err):
 def test_unsupported_features(err, rec):
     base = TIES_HEAD + "  - {model: org/a, parameters: {weight: 1}}\n"
     assert err(base + "modules: {}\n").startswith("recipe.yml:5 modules: per-module recipes")
-    assert err(base + "tokenizer: {source: union}\n").startswith(
-        "recipe.yml:5 tokenizer: the 'tokenizer' block is not supported yet")
-    assert err(base + "tokenizer_source: union\n") == (
-        "recipe.yml:5 tokenizer_source: 'union' (a merged vocabulary) is not supported yet; use "
-        "'base' or a model reference")
-    assert err(base + "chat_template: chatml\n") == \
-        "recipe.yml:5 chat_template: only 'auto' is supported for now (got 'chatml')"
-    r = rec(base + "chat_template: auto\n")
-    assert any(w.startswith("recipe.yml:5 chat_template: 'auto' keeps the donor") and
-               "most common template" in w for w in r.warnings)
+    assert err(base + "tokenizer: {source: union}\ntokenizer_source: base\n").startswith(
+        "recipe.yml:5 tokenizer: set either tokenizer_source or tokenizer, not both")
+    assert rec(base + "tokenizer_source: union\n").vocab.mode == "union"
+    assert rec(base + "tokenizer: {source: org/a}\n").vocab.donor.path == "org/a"
+    assert err(base + "chat_template: 7\n").startswith(
+        "recipe.yml:5 chat_template: expected a template name")
     assert "LoRA references ('org/a+org/lora'" in err(
         TIES_HEAD + "  - {model: org/a+org/lora, parameters: {weight: 1}}\n")
     assert err(TIES_HEAD + "  - model:\n      model: {path: org/a}\n      lora: {path: org/l}\n"
@@ -371,12 +367,12 @@ def test_seed_and_extensions(rec, err):
     body = TIES_HEAD + "  - {model: org/a, parameters: {weight: 1}}\n"
     r = rec(body)
     assert (r.seed, r.vocab_policy, r.on_missing_tensor, r.on_extra_tensor) == \
-        (0, "error", "error", "error")
+        (0, "common", "error", "error")
     assert r.tokenizer_source is None
-    r = rec(body + "seed: 7\nvocab_policy: base\non_missing_tensor: skip\non_extra_tensor: ignore\n"
+    r = rec(body + "seed: 7\nvocab_policy: error\non_missing_tensor: skip\non_extra_tensor: ignore\n"
                    "tokenizer_source: org/a\n")
     assert (r.seed, r.vocab_policy, r.on_missing_tensor, r.on_extra_tensor) == \
-        (7, "base", "skip", "ignore")
+        (7, "error", "skip", "ignore")
     assert r.tokenizer_source.path == "org/a"
     assert rec(body + "seed: 7\n", seed=3).seed == 3
     assert err(body + "seed: -1\n") == "recipe.yml:5 seed: must be a non-negative integer, got -1"
