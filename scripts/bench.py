@@ -13,9 +13,13 @@ fine-tunes in bf16, then runs, each in a fresh child process measured side by si
 * the other methods (``NEW_METHODS``): the same, each with the parameters of its example recipe
   ``recipes/<method>.yml`` pointed at the bench family (``model_stock`` with filter_wise true).
 
-``--methods`` picks a subset (default: all).
+``--methods`` picks a subset (default: all). ``--baseline DIR`` also runs each method with the
+package found in DIR (e.g. a copy of an older ``mergekit_like``), right before the current one,
+so that before/after ratios come from one interleaved run (rows ``<method>@baseline``).
 
-Inputs are read once before timing so every run sees the same (warm) page cache.
+Each run reports its wall time and its CPU time (user + system, all threads; steadier than the
+wall time on a shared machine, which shows in the wall time only), both also as ratios to the
+floor's. Inputs are read once before timing so every run sees the same (warm) page cache.
 Targets (2-core CPU): task_arithmetic ≤ 1.5× floor, ties ≤ 2.5× floor, peak RSS ≤ 1.5 GB and
 flat (±20 %) from 4 to 16 layers.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -144,10 +149,14 @@ def child_merge(recipe_path: Path, out: Path) -> None:
         raise SystemExit(code)
 
 
-def run_child(kind: str, arg: Path, out: Path) -> dict:
+def run_child(kind: str, arg: Path, out: Path, pythonpath: Path | None = None) -> dict:
+    """One measured child; ``pythonpath``: import ``mergekit_like`` from there instead."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, __file__, "--child", kind, str(arg), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = None
+    if pythonpath is not None:
+        env = {**os.environ, "PYTHONPATH": str(pythonpath)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise SystemExit(f"{kind} failed:\n{proc.stderr}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -164,11 +173,12 @@ def warm_cache(fam: Path) -> None:
 
 def report(tag: str, name: str, r: dict, floor: dict) -> None:
     """One run's figures as they come (stderr), so a long session shows its progress."""
-    print(f"[{tag}] {name:<16}{r['wall_s']:>8.2f} s{r['wall_s'] / floor['wall_s']:>7.2f}×"
-          f"{r['peak_rss'] / 1e9:>7.2f} GB", file=sys.stderr, flush=True)
+    print(f"[{tag}] {name:<25}{r['wall_s']:>8.2f} s{r['wall_s'] / floor['wall_s']:>7.2f}×"
+          f"{r['cpu_s']:>8.2f} cpu s{r['peak_rss'] / 1e9:>7.2f} GB", file=sys.stderr, flush=True)
 
 
-def bench_family(layers: int, small: bool, repeat: int, methods: list[str]) -> dict[str, dict]:
+def bench_family(layers: int, small: bool, repeat: int, methods: list[str],
+                 baseline: Path | None = None) -> dict[str, dict]:
     """Each run ``repeat`` times, interleaved (floor, methods, floor, methods, …), so slow
     phases of a shared machine hit every run alike; the minimum wall time and the maximum
     peak RSS are kept."""
@@ -179,14 +189,22 @@ def bench_family(layers: int, small: bool, repeat: int, methods: list[str]) -> d
     for method in methods:
         paths[method] = WORK / f"{method}.yml"
         paths[method].write_text(yaml.safe_dump(recipe(method, fam), sort_keys=False))
-    runs: dict[str, list[dict]] = {"floor": [], **{m: [] for m in methods}}
+    runs: dict[str, list[dict]] = {"floor": []}
+    for method in methods:
+        if baseline is not None:
+            runs[f"{method}@baseline"] = []
+        runs[method] = []
     for i in range(repeat):
         runs["floor"].append(run_child("floor", fam, out))
         report(f"{layers}L #{i + 1}", "floor", runs["floor"][-1], runs["floor"][-1])
         for method in methods:
+            if baseline is not None:
+                name = f"{method}@baseline"
+                runs[name].append(run_child("merge", paths[method], out, baseline))
+                report(f"{layers}L #{i + 1}", name, runs[name][-1], runs["floor"][-1])
             runs[method].append(run_child("merge", paths[method], out))
             report(f"{layers}L #{i + 1}", method, runs[method][-1], runs["floor"][-1])
-    return {name: {"wall_s": min(r["wall_s"] for r in rs),
+    return {name: {"wall_s": min(r["wall_s"] for r in rs), "cpu_s": min(r["cpu_s"] for r in rs),
                    "peak_rss": max(r["peak_rss"] for r in rs)} for name, rs in runs.items()}
 
 
@@ -197,36 +215,44 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (min kept)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS,
                         help="methods to run (default: all)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="also run each method with the mergekit_like package in this folder")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "ARG", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, arg, out = args.child
         import mergekit_like.cli.app  # noqa: F401 - imports are not part of the measured work
         import mergekit_like.engine.run  # noqa: F401
+        usage0 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu0 = usage0.ru_utime + usage0.ru_stime
         start = time.perf_counter()
         (child_floor if kind == "floor" else child_merge)(Path(arg), Path(out))
         wall = time.perf_counter() - start
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print(json.dumps({"wall_s": wall, "peak_rss": rss}))
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = usage.ru_utime + usage.ru_stime - cpu0
+        print(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss": usage.ru_maxrss * 1024}))
         return
 
     WORK.mkdir(exist_ok=True)
     table: dict[int, dict[str, dict]] = {}
     for layers in args.layers:
-        table[layers] = bench_family(layers, args.small, args.repeat, args.methods)
+        table[layers] = bench_family(layers, args.small, args.repeat, args.methods,
+                                     args.baseline)
     for layers, results in table.items():
         floor = results["floor"]["wall_s"]
         params = shape_for(layers, args.small).num_params()
         print(f"\n{layers} layers, {params / 1e6:.0f} M params per model, base + 3 fine-tunes, bf16"
               f" (best of {args.repeat})")
-        print(f"{'run':<16}{'wall s':>9}{'× floor':>9}{'peak RSS':>11}")
+        cpu_floor = results["floor"]["cpu_s"]
+        print(f"{'run':<25}{'wall s':>9}{'× floor':>9}{'cpu s':>9}{'× floor':>9}{'peak RSS':>11}")
         for name, r in results.items():
-            print(f"{name:<16}{r['wall_s']:>9.2f}{r['wall_s'] / floor:>9.2f}"
+            print(f"{name:<25}{r['wall_s']:>9.2f}{r['wall_s'] / floor:>9.2f}"
+                  f"{r['cpu_s']:>9.2f}{r['cpu_s'] / cpu_floor:>9.2f}"
                   f"{r['peak_rss'] / 1e9:>9.2f} GB")
     if len(table) > 1:
         lo, hi = min(table), max(table)
         print(f"\npeak RSS, {hi} layers / {lo} layers:")
-        for name in ["floor", *args.methods]:
+        for name in [n for n in table[lo] if n in table[hi]]:
             ratio = table[hi][name]["peak_rss"] / table[lo][name]["peak_rss"]
             print(f"  {name:<16}{ratio:.2f}")
 

@@ -1,16 +1,22 @@
 """The breadcrumbs band (docs/methods/breadcrumbs.md §2) without a sort: keep = top(t + k) ∖
 top(t), where top(m) = {|δ| > v_m} ∪ {the lowest-index copies of v_m that fit} and v_m is the
 exact m-th largest |δ| found by ``kth_largest`` (the selection TIES uses, about one read pass per
-threshold). Bit-equal to ``ops.breadcrumbs.outlier_keep_sorted``, the paper form."""
+threshold). Bit-equal to ``ops.breadcrumbs.outlier_keep_sorted``, the paper form.
+
+``band_tops`` / ``band_piece_`` are the same band as two thresholds applied piece by piece
+(the adapter's path for inputs known finite): δ ⊙ keep bit-equal to the sort's."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from mergekit_like.kernels.kth_largest import (SAMPLE_MAX, SAMPLE_MIN, SAMPLE_RUN, flat_nonzero,
-                                               kth_largest, tie_cutoff)
-from mergekit_like.kernels.tiling import PIECE, Scratch, run_parallel
+                                               kth_largest, tie_cutoff, trim_threshold)
+from mergekit_like.kernels.tiling import PIECE, Scratch, buffer, run_parallel
 from mergekit_like.ops.breadcrumbs import outlier_counts, outlier_keep_sorted
+from mergekit_like.tensor_task import TensorTask
 
 
 def outlier_keep(delta: torch.Tensor, density: float, gamma: float,
@@ -27,7 +33,7 @@ def outlier_keep(delta: torch.Tensor, density: float, gamma: float,
     a = delta.reshape(-1).abs()
     if n == 0 or not bool(torch.isfinite(a.max())):
         return outlier_keep_sorted(delta, density, gamma)
-    sample = _sample(a)
+    sample = sample_runs(a)
     mask = top_mask(a, top + keep, sample, workers)
     if top > 0:
         mask &= top_mask(a, top, sample, workers).logical_not_()
@@ -73,7 +79,7 @@ def _parts(n: int, workers: int) -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi in zip(cuts, cuts[1:]) if hi > lo]
 
 
-def _sample(a: torch.Tensor) -> torch.Tensor:
+def sample_runs(a: torch.Tensor) -> torch.Tensor:
     """Runs of ``SAMPLE_RUN`` consecutive entries at random starts (fixed seed), about n/32 of
     them clipped to [2^14, 2^17]; all of ``a`` when small. Only steers the brackets."""
     n = a.numel()
@@ -83,3 +89,57 @@ def _sample(a: torch.Tensor) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     starts = torch.randint(n - SAMPLE_RUN + 1, (size // SAMPLE_RUN, 1), generator=g)
     return a[(starts + torch.arange(SAMPLE_RUN)).view(-1).to(a.device)]
+
+
+class Top(NamedTuple):
+    """top(m) of a tensor of n entries as thresholds: {|δ| > value} ∪ {|δ| = value at flat
+    indices ≤ cutoff} (cutoff None: every copy of value); m ≤ 0 is empty, m ≥ n everything."""
+    m: int
+    n: int
+    value: float = 0.0
+    cutoff: int | None = None
+
+
+def band_tops(task: TensorTask, x: torch.Tensor, density: float, gamma: float,
+              scratch: Scratch) -> tuple[Top, Top]:
+    """(top(t + k), top(t)) of |x − b| for the band keep = top(t + k) ∖ top(t), each v_m found
+    by ``kth_largest.trim_threshold`` (the fused scan TIES uses, straight from the stored
+    inputs, over the task's row spans in parallel: no whole-tensor δ or mask).
+
+    The one liberty: when v_m = 0, the trim's cutoff is None (every zero in top(m)); the entries
+    it adds or removes have δ = ±0, and ±0·keep is ±0 either way, so δ ⊙ keep keeps its bits."""
+    top, keep = outlier_counts(density, gamma, task.numel)
+
+    def top_of(m: int) -> Top:
+        if m <= 0 or m >= task.numel:
+            return Top(m, task.numel)
+        kth, cutoff = trim_threshold(task, x, task.base, m, scratch)
+        return Top(m, task.numel, kth.value, cutoff)
+
+    return top_of(top + keep), top_of(top)
+
+
+def top_piece(a: torch.Tensor, top: Top, offset: int, out: torch.Tensor) -> torch.Tensor:
+    """[bool, into ``out``] membership in ``top`` of a flat piece ``a`` = |δ| whose first entry
+    has flat index ``offset``."""
+    if top.m <= 0 or top.m >= top.n:
+        return out.fill_(top.m > 0)
+    if top.cutoff is None:
+        return torch.ge(a, top.value, out=out)
+    torch.gt(a, top.value, out=out)
+    r = min(max(top.cutoff - offset + 1, 0), a.numel())
+    if r:
+        out[:r].logical_or_(a[:r] == top.value)
+    return out
+
+
+def band_piece_(delta: torch.Tensor, offset: int, tops: tuple[Top, Top],
+                scratch: Scratch | None = None) -> torch.Tensor:
+    """δ ← δ ⊙ (top(t + k) ∖ top(t)) in place on a flat piece at flat index ``offset``."""
+    n = delta.numel()
+    a = torch.abs(delta, out=buffer(scratch, "band_abs", delta))
+    keep = top_piece(a, tops[0], offset, buffer(scratch, "band_keep", delta, torch.bool))
+    if tops[1].m > 0:
+        drop = top_piece(a, tops[1], offset, buffer(scratch, "band_drop", delta, torch.bool))
+        keep.logical_and_(drop.logical_not_())
+    return delta.mul_(keep[:n])

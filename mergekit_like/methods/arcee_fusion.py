@@ -3,7 +3,8 @@ base, b = the other model, out = a + (b − a)·[imp ≥ τ].
 
 Two passes over the engine's row blocks. Pass 1 computes the importance (``fusion_importance``:
 a softmax over the last dim, so a block of whole dim-0 rows holds whole softmax rows) into one
-compute-dtype tensor of the full shape, whose exact quartiles give τ (``fusion_threshold``).
+compute-dtype tensor of the full shape, whose exact quartiles give τ (``fusion_threshold``;
+``kernels/arcee_fusion.py`` selects them by one bracketed selection, the same value).
 Pass 2 reloads a and b per block and applies ``fuse``. A 0-d or 1-d tensor is one softmax row
 and is done whole. A tensor only the base has is the base's, copied.
 """
@@ -14,7 +15,8 @@ import torch
 
 from mergekit_like.kernels.tiling import copy_of, other_of_pair
 from mergekit_like.methods.base import Method, MethodSpec, TensorTask
-from mergekit_like.ops.arcee_fusion import fuse, fusion_importance, fusion_threshold
+from mergekit_like.kernels.arcee_fusion import fusion_threshold, warm_up
+from mergekit_like.ops.arcee_fusion import fuse, fusion_importance
 
 
 class ArceeFusion(Method):
@@ -24,6 +26,10 @@ class ArceeFusion(Method):
         needs_base=True,
         exact_inputs=2,
     )
+
+    def warm_up(self, device: torch.device) -> None:
+        if device.type == "cpu":
+            warm_up()
 
     def merge_tensor(self, task: TensorTask) -> torch.Tensor:
         other = other_of_pair(task, "arcee_fusion")

@@ -4,20 +4,24 @@ on signs first (``breadcrumbs_ties``).
 
 The adapter of the task-vector form (``task_arithmetic.TaskVectorMethod``) with the outlier trim
 of ``ops/breadcrumbs.py`` as its sparsifier. The band needs a ranking of the whole tensor, so
-each model's keep mask is computed once per tensor (two exact selections on |δ|) and applied to every piece
-by its flat offset: the result does not depend on blocking, threads or order. The mask comes
-from two exact k-th-largest selections (``kernels.breadcrumbs.outlier_keep``), not a sort; it is
-bit-identical to the sort's (``outlier_keep_sorted``).
+each model's band is found once per tensor (two exact k-th-largest selections on |δ|) and
+applied to every piece by its flat offset: the result does not depend on blocking, threads or
+order. With inputs known finite the selections are the fused scans TIES uses and the band is
+two thresholds (``kernels.breadcrumbs.band_tops``); otherwise a whole-tensor keep mask
+(``kernels.breadcrumbs.outlier_keep``). Either way not a sort, and δ ⊙ keep is bit-identical
+to the sort's (``outlier_keep_sorted``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from mergekit_like.kernels.tiling import Scratch, pieces
 from mergekit_like.methods.base import MethodSpec, ParamSpec, TensorTask
 from mergekit_like.methods.task_arithmetic import TaskVectorMethod, task_vector_params
-from mergekit_like.kernels.breadcrumbs import outlier_keep
+from mergekit_like.kernels.breadcrumbs import band_piece_, band_tops, outlier_keep
 from mergekit_like.ops.breadcrumbs import apply_keep_
 from mergekit_like.ops.task_vectors import task_vector
 
@@ -32,15 +36,28 @@ def whole_delta(task: TensorTask, x: torch.Tensor) -> torch.Tensor:
 
 
 class OutlierTrim:
-    """One model's breadcrumbs keep mask for one tensor (flat bool, whole tensor). Has no
-    ``fused_sparsifier``: the fused loops never run it (``fused_loops_apply``)."""
+    """One model's breadcrumbs band for one tensor: with inputs known finite the two thresholds
+    of ``kernels.breadcrumbs.band_tops`` (applied per piece), else the keep mask (flat bool,
+    whole tensor) of ``outlier_keep``. Has no ``fused_sparsifier``: the fused loops never run
+    it (``fused_loops_apply``)."""
 
-    def __init__(self, task: TensorTask, pos: int, density: float):
+    def __init__(self, task: TensorTask, pos: int, density: float,
+                 scratch: Scratch | None = None):
         gamma = float(task.model_params[pos]["gamma"])
+        self.keep = self.tops = None
+        if task.inputs_finite:
+            tops = band_tops(task, task.inputs[pos], density, gamma,
+                             scratch or Scratch(task.compute_dtype, task.device))
+            if all(math.isfinite(t.value) for t in tops):
+                self.tops = tops
+                return
         self.keep = outlier_keep(whole_delta(task, task.inputs[pos]), density, gamma,
                                  workers=task.workers)
 
     def apply(self, delta: torch.Tensor, offset: int, scratch: Scratch | None = None) -> None:
+        if self.tops is not None:
+            band_piece_(delta, offset, self.tops, scratch)
+            return
         apply_keep_(delta, self.keep[offset:offset + delta.numel()])
 
 
@@ -62,7 +79,7 @@ class _Breadcrumbs(TaskVectorMethod):
         return None if problem is None else f"{self.spec.name}: {problem} (tensor '{name}')"
 
     def make_sparsifier(self, task: TensorTask, pos: int, density: float, scratch: Scratch):
-        return OutlierTrim(task, pos, density)
+        return OutlierTrim(task, pos, density, scratch)
 
     def _delta_keeper(self, task: TensorTask) -> torch.Tensor | None:
         return None               # Δ depends on gamma, which the grid memo key does not hold

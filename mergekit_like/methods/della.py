@@ -3,8 +3,9 @@ drop, rescaled to the task vector's L1 norm, then TIES' sum sign consensus (``de
 (``della_linear``).
 
 The adapter of the task-vector form (``task_arithmetic.TaskVectorMethod``) with ``ops/della.py``
-as its sparsifier. Each model's magnitude ranks are computed once per tensor (one row-wise sort
-of |δ|, kept as int32); the draw is DARE's counter-based SplitMix64 stream (same key), so every
+as its sparsifier. Each model's keep mask is computed once per tensor (on CPU by one row sort of
+packed integer keys, ``kernels/della.py``; else the ranks of a row-wise sort of |δ|, kept as
+int32); the draw is DARE's counter-based SplitMix64 stream (same key), so every
 piece's mask depends only on (seed, model index, tensor name, flat index) and its rank.
 ``rescale: true`` is mergekit's rescale: the kept task vector is scaled back to the L1 norm it
 had (the same as ``"l1"``); ``false`` none. The paper's per-entry 1/p_j is not used, so that
@@ -17,6 +18,7 @@ from dataclasses import replace
 
 import torch
 
+from mergekit_like.kernels import della as fast
 from mergekit_like.kernels.tiling import Scratch
 from mergekit_like.methods.base import MethodSpec, ParamSpec, TensorTask
 from mergekit_like.methods.breadcrumbs import whole_delta
@@ -26,8 +28,10 @@ from mergekit_like.ops.drop import mask_key
 
 
 class MagPrune:
-    """One model's MAGPRUNE for one tensor: its draw key, d, ε, and the flat ranks r_j (int32
-    when they fit). Has no ``fused_sparsifier``: the fused loops never run it."""
+    """One model's MAGPRUNE for one tensor: its draw key, d, ε, and either its keep bits (flat
+    bool, ``kernels.della.magprune_keep``, when supported: ``divide`` is always false here) or
+    the flat ranks r_j (int32 when they fit). Has no ``fused_sparsifier``: the fused loops never
+    run it."""
 
     def __init__(self, task: TensorTask, pos: int, density: float):
         self.key = mask_key(task.seed, task.input_indices[pos], task.name)
@@ -35,11 +39,19 @@ class MagPrune:
         self.epsilon = float(task.model_params[pos]["epsilon"])
         self.divide = False       # rescale is the shared L1 factor (mergekit's rule)
         self.m = rank_rows(task.shape)
+        self.keep = self.ranks = None
+        if fast.supported(task):  # the keep bits themselves, bit-equal to the ranks' draw
+            self.keep = fast.magprune_keep(task, task.inputs[pos], self.key, density,
+                                           self.epsilon)
+            return
         delta = whole_delta(task, task.inputs[pos]).view(task.shape)
         ranks = magprune_ranks(delta).reshape(-1)
         self.ranks = ranks.to(torch.int32) if self.m < 2**31 else ranks
 
     def apply(self, delta: torch.Tensor, offset: int, scratch: Scratch | None = None) -> None:
+        if self.keep is not None:
+            delta.mul_(self.keep[offset:offset + delta.numel()])
+            return
         magprune_piece_(delta, offset, self.key, self.ranks[offset:offset + delta.numel()],
                         self.m, self.density, self.epsilon, self.divide)
 
@@ -56,6 +68,11 @@ class _Della(TaskVectorMethod):
 
     def make_sparsifier(self, task: TensorTask, pos: int, density: float, scratch: Scratch):
         return MagPrune(task, pos, density)
+
+    def warm_up(self, device: torch.device) -> None:
+        super().warm_up(device)
+        if device.type == "cpu":
+            fast.warm_up()
 
     def merge_tensor(self, task: TensorTask) -> torch.Tensor:
         """``rescale: true`` runs as mergekit's L1 rescale (``"l1"``)."""

@@ -3,13 +3,16 @@ changed (|δ| > ε) by one model takes its change (RAM+: scaled by λ_i), by sev
 
 Block by block, exactly: everything is elementwise except RAM+'s per-model counts, which are
 integers summed over the engine's row blocks in a first pass, so the result does not depend on
-the cut. Memory: N converted blocks at a time.
+the cut. Memory: N converted blocks at a time. On CPU with float32 compute and bf16/float32
+inputs (``kernels.ram.supported``) each pass is one compiled loop per row span instead,
+bit-equal, with no temporaries.
 """
 
 from __future__ import annotations
 
 import torch
 
+from mergekit_like.kernels import ram as fast
 from mergekit_like.kernels.tiling import models_against_base
 from mergekit_like.methods.base import Method, MethodSpec, ParamSpec, TensorTask
 from mergekit_like.ops.ram import active, model_counts, ram_delta, unique_scales
@@ -30,6 +33,11 @@ class Ram(Method):
         params=(ParamSpec("epsilon", "float", 1e-5),),
         needs_base=True,
     )
+    span_parallel = True     # kernels.ram splits each tensor over task.workers threads
+
+    def warm_up(self, device: torch.device) -> None:
+        if device.type == "cpu":
+            fast.warm_up()
 
     def merge_tensor(self, task: TensorTask) -> torch.Tensor:
         models, copied = models_against_base(task, self.spec.name)
@@ -37,6 +45,8 @@ class Ram(Method):
             return copied
         epsilon = float(task.params["epsilon"])
         scales = self.scales(task, models, epsilon)
+        if fast.supported(task, models):
+            return fast.ram_task(task, models, epsilon, scales)
         out = task.empty_output()
         for block in task.blocks():
             b, tvs = _block_tvs(task, models, block)
@@ -60,6 +70,9 @@ class RamPlusTL(Ram):
     )
 
     def scales(self, task: TensorTask, models: list[int], epsilon: float) -> torch.Tensor:
+        r, alpha = float(task.params["r"]), float(task.params["alpha"])
+        if fast.supported(task, models):
+            return unique_scales(*fast.model_counts(task, models, epsilon), r, alpha, epsilon)
         shared = torch.zeros(len(models), dtype=torch.int64, device=task.device)
         unique = torch.zeros_like(shared)
         for block in task.blocks():                        # pass 1: the integer counts
@@ -67,5 +80,4 @@ class RamPlusTL(Ram):
             s, u = model_counts(*active(tvs, epsilon))
             shared += s
             unique += u
-        return unique_scales(shared, unique, float(task.params["r"]),
-                             float(task.params["alpha"]), epsilon)
+        return unique_scales(shared, unique, r, alpha, epsilon)

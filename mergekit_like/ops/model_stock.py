@@ -53,14 +53,15 @@ def stock_ratio(cos: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def model_stock(base: torch.Tensor, xs: Sequence[torch.Tensor], *,
-                filter_wise: bool = False) -> torch.Tensor:
+                filter_wise: bool = False, ratio: torch.Tensor | None = None) -> torch.Tensor:
     """Model Stock of same-shape float tensors (N = len(xs) ≥ 2, at least one element): a new
-    tensor of base's shape and dtype, t·mean(xs) + (1 − t)·base with t from ``model_ratio``."""
+    tensor of base's shape and dtype, t·mean(xs) + (1 − t)·base with t from ``model_ratio``
+    (``ratio``: that t, [R, 1], when the caller has computed it already)."""
     if len(xs) < 2:
         raise ValueError("model_stock needs at least 2 models besides the base")
     w0 = as_rows(base, filter_wise)
     ws = [as_rows(x, filter_wise) for x in xs]
-    t = model_ratio(base, xs, filter_wise=filter_wise)
+    t = model_ratio(base, xs, filter_wise=filter_wise) if ratio is None else ratio
     w_avg = sum(ws) / len(ws)
     return (t * w_avg + (1 - t) * w0).reshape(base.shape)
 
