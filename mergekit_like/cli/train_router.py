@@ -209,10 +209,20 @@ def _train_twin(root: Path, data: Path, settings: dict, device: str, quiet: bool
     section = {"label_counts": {t: counts[t] for t in tasks},
                "validation_examples": int(fit.confusion.sum()),
                "validation_accuracy": fit.val_accuracy, "best_epoch": fit.best_epoch,
+               "validation_loss": fit.val_loss, "selection": "accuracy, then cross-entropy",
+               "validation_right_weight": (None if fit.right_weight is None else
+                                           {"mean": fit.right_weight[0],
+                                            "min": fit.right_weight[1]}),
                "data": {"file": data.name, "sha256": _sha256(data), "examples": len(labels)},
                "training": settings}
     save_router(root, fit.router, tasks, section)
     print_confusion(tasks, fit.confusion, fit.val_accuracy, fit.best_epoch)
+    if fit.right_weight is not None:
+        from mergekit_like.console import out_console
+
+        out_console.print(f"validation cross-entropy: {fit.val_loss:.4f} (kept: the best "
+                          f"accuracy, then the lowest cross-entropy); routing weight on the "
+                          f"true task: mean {fit.right_weight[0]:.3f}, min {fit.right_weight[1]:.3f}")
     err_console.print(f"wrote {root}/twin/router.safetensors")
 
 

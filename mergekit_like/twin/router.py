@@ -5,7 +5,8 @@
   [B, d] float32; output: logits [B, T] float32; routing weights w = softmax(logits) (T = 1).
 * ``mean_features(model, ids, mask)``: the shared model's final hidden state (after the final
   norm) averaged over non-padding tokens, [B, d] float32. Training and the runtime both use it.
-* ``fit_router``: AdamW + cross-entropy, seeded; keeps the epoch with the best validation accuracy.
+* ``fit_router``: AdamW + cross-entropy, seeded; keeps the epoch with the best validation
+  accuracy, then the lowest validation cross-entropy among those.
 * ``save_router`` / ``load_router``: ``twin/router.safetensors`` (float32 tensors, BatchNorm
   running statistics included) and twin.json's ``router`` section, each written atomically
   (temporary file, then ``os.replace``), the router file first.
@@ -85,12 +86,16 @@ def mean_features(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
 class FitResult:
     """router: the best epoch's router (eval mode); best_epoch: 1-based; val_accuracy: None when
     there is no validation example (then the last epoch is kept); confusion: [T, T] int64 counts
-    on the validation split (row = true task, column = predicted)."""
+    on the validation split (row = true task, column = predicted); val_loss: the validation
+    cross-entropy of the task label; right_weight: (mean, min) over validation examples of the
+    routing weight softmax(router(x))[true task] — how sure the kept router is."""
 
     router: TwinRouter
     best_epoch: int
     val_accuracy: float | None
     confusion: torch.Tensor
+    val_loss: float | None = None
+    right_weight: tuple[float, float] | None = None
 
 
 def stratified_split(labels: Sequence[int], n_tasks: int, val_fraction: float,
@@ -116,7 +121,9 @@ def fit_router(features: torch.Tensor, labels: torch.Tensor, n_tasks: int, *, lr
     """Train ``TwinRouter(d, T)`` on features [N, d] float32 and labels [N] int64 (task indices):
     AdamW(lr), mean cross-entropy, shuffled mini-batches (a last batch of one example joins the
     one before, as BatchNorm needs two). Everything random (split, init, shuffles, dropout) is
-    seeded from ``seed``. Keeps the first epoch with the best validation accuracy."""
+    seeded from ``seed``. Keeps the epoch with the best validation accuracy and, among equally
+    accurate ones, the lowest validation cross-entropy: accuracy saturates early while the
+    routing weights are still soft, and the merged model is only as good as those weights."""
     gen = torch.Generator().manual_seed(seed)
     train, val = stratified_split(labels.tolist(), n_tasks, val_fraction, gen)
     x_tr, y_tr, x_val, y_val = features[train], labels[train], features[val], labels[val]
@@ -134,18 +141,33 @@ def fit_router(features: torch.Tensor, labels: torch.Tensor, n_tasks: int, *, lr
                 loss.backward()
                 opt.step()
             if len(val):
-                acc = float((_predict(router, x_val) == y_val).float().mean())
-                if best is None or acc > best:
-                    best, best_epoch, best_state = acc, epoch, copy.deepcopy(router.state_dict())
+                acc, val_loss, _ = _validate(router, x_val, y_val)
+                if best is None or (acc, -val_loss) > best:
+                    best, best_epoch = (acc, -val_loss), epoch
+                    best_state = copy.deepcopy(router.state_dict())
     if best_state is not None:
         router.load_state_dict(best_state)
     router.eval()
     confusion = torch.zeros(n_tasks, n_tasks, dtype=torch.long)
-    if len(val):
-        pred = _predict(router, x_val).cpu()
-        for t, p in zip(y_val.cpu().tolist(), pred.tolist()):
-            confusion[t, p] += 1
-    return FitResult(router, best_epoch, best, confusion)
+    if not len(val):
+        return FitResult(router, best_epoch, None, confusion)
+    acc, val_loss, right = _validate(router, x_val, y_val)
+    pred = _predict(router, x_val).cpu()
+    for t, p in zip(y_val.cpu().tolist(), pred.tolist()):
+        confusion[t, p] += 1
+    return FitResult(router, best_epoch, acc, confusion, val_loss,
+                     (float(right.mean()), float(right.min())))
+
+
+@torch.no_grad()
+def _validate(router: TwinRouter, x: torch.Tensor, y: torch.Tensor
+              ) -> tuple[float, float, torch.Tensor]:
+    """(accuracy, mean cross-entropy, each example's weight on its true task [N])."""
+    router.eval()
+    logits = router(x)
+    right = logits.softmax(dim=-1).gather(1, y.view(-1, 1)).view(-1)
+    acc = float((logits.argmax(dim=-1) == y).float().mean())
+    return acc, float(F.cross_entropy(logits, y)), right
 
 
 def _batches(perm: torch.Tensor, size: int) -> list[torch.Tensor]:

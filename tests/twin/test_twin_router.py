@@ -148,3 +148,23 @@ def test_stratified_split_keeps_one_per_task():
     train, val = stratified_split(labels, 3, 0.1, torch.Generator().manual_seed(0))
     assert sorted(train + val) == list(range(12))
     assert sorted(labels[i] for i in val) == [0, 1]  # task 2 has one example: training only
+
+
+def test_selection_sees_confidence_not_only_accuracy():
+    """Two well-separated clusters: validation accuracy is 1.0 after the first epoch, while the
+    routing weights keep sharpening. The kept epoch is a later, surer one (the old rule, the
+    first epoch at the best accuracy, kept epoch 1)."""
+    from mergekit_like.twin.router import fit_router
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[2.0] * 8, [-2.0] * 8])
+    y = torch.arange(200) % 2
+    x = centers[y] + 0.3 * torch.randn(200, 8, generator=g)
+    kw = dict(lr=1e-2, batch_size=32, seed=1, val_fraction=0.25)
+    first = fit_router(x, y, 2, epochs=1, **kw)
+    kept = fit_router(x, y, 2, epochs=12, **kw)
+    assert first.val_accuracy == 1.0 and kept.val_accuracy == 1.0
+    assert kept.best_epoch > 1
+    assert kept.val_loss < first.val_loss
+    assert kept.right_weight[0] > first.right_weight[0]
+    assert 0 < kept.right_weight[1] <= kept.right_weight[0] <= 1
