@@ -68,7 +68,7 @@ class RoleMethod(Method):
         scale = float(task.params.get("domain_scale", 1.0))
         out = task.empty_output()
         selected = 0
-        sum_t = sum_r = 0.0
+        sum_t = sum_r = sq_t = sq_pre = 0.0
         where = R.sample_positions(task.numel)
         sample_t, sample_r = [], []
         for block in task.blocks():
@@ -78,6 +78,8 @@ class RoleMethod(Method):
             d_t, d_r = (t - pre).abs_().view(-1), (r - pre).abs_().view(-1)
             sum_t += float(d_t.double().sum())
             sum_r += float(d_r.double().sum())
+            sq_t += float(d_t.double().square().sum())
+            sq_pre += float(pre.double().square().sum())
             lo = block.flat_offset
             inside = where[(where >= lo) & (where < lo + block.numel)] - lo
             sample_t.append(d_t[inside].cpu())
@@ -87,7 +89,9 @@ class RoleMethod(Method):
         task.report = {"numel": task.numel, "selected": selected,
                        "selected_fraction": selected / n,
                        "abs_delta_domain": R.delta_stats(torch.cat(sample_t), sum_t / n),
-                       "abs_reasoning_minus_base": R.delta_stats(torch.cat(sample_r), sum_r / n)}
+                       "abs_reasoning_minus_base": R.delta_stats(torch.cat(sample_r), sum_r / n),
+                       **({"sq_delta_domain": sq_t, "sq_base": sq_pre}
+                          if len(task.shape) >= 2 else {})}  # norms (≈ 1 everywhere) would dilute
         return out
 
     def write_report(self, plan, reports: dict[str, dict], header: dict[str, Any]) -> dict[str, str]:

@@ -15,7 +15,11 @@ REPORT_FILE = "rcp_report.json"
 QUANTILES = 101
 """Per-tensor percentiles of |δ| kept for the model-level p99 (a pooled, numel-weighted sketch)."""
 SAMPLE = 1 << 16
-DELTA_WARN = 0.005
+RELATIVE_DELTA_WARN = 0.5
+"""‖θ_domain − base‖ / ‖base‖ (pooled over tensors) above this: the base is probably not the
+domain model's own. Fine-tunes move weights by a small fraction of their size (real LLM
+fine-tunes: ~0.01–0.05; the zoo's: see docs/methods/rcp.md §6), while two unrelated models of
+the same scale are √2 ≈ 1.41 apart."""
 _KINDS = (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("o_proj", "o"),
           ("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down"),
           ("norm", "norm"), ("embed", "embeddings"), ("lm_head", "lm_head"))
@@ -100,6 +104,14 @@ def pooled(reports: dict[str, dict], key: str) -> dict[str, float | None]:
     return {"mean": mean, "p99": p99}
 
 
+def relative_delta(reports: dict[str, dict]) -> float | None:
+    """‖θ_domain − base‖₂ / ‖base‖₂ over the matrices (sums of squares pooled; 1-D norms and
+    biases, near-constant in every model, are left out); None when no tensor reported them."""
+    sq_t = sum(r.get("sq_delta_domain", 0.0) for r in reports.values())
+    sq_b = sum(r.get("sq_base", 0.0) for r in reports.values())
+    return (sq_t / sq_b) ** 0.5 if sq_b > 0 else None
+
+
 def grouped_fractions(reports: dict[str, dict]) -> dict[str, dict[str, float]]:
     """Selected fraction by module kind and by layer (numel-weighted), and overall."""
     kinds: dict[str, list[float]] = {}
@@ -128,14 +140,16 @@ def report(plan, reports: dict[str, dict], header: dict[str, Any],
     groups = grouped_fractions(reports)
     delta_t = pooled(reports, "abs_delta_domain")
     delta_r = pooled(reports, "abs_reasoning_minus_base")
-    if warn and delta_t["p99"] is not None and delta_t["p99"] > DELTA_WARN:
-        plan.warnings.append(f"{plan.recipe.merge_method}: p99 |θ_domain − base| = "
-                             f"{delta_t['p99']:.3g} > {DELTA_WARN}: outside the fine-tuning "
-                             "regime; is base_model the domain model's own base?")
+    rel = relative_delta(reports)
+    if warn and rel is not None and rel > RELATIVE_DELTA_WARN:
+        plan.warnings.append(f"{plan.recipe.merge_method}: ‖θ_domain − base‖ / ‖base‖ = "
+                             f"{rel:.3g} > {RELATIVE_DELTA_WARN}: farther than a fine-tune moves "
+                             "a model; is base_model the domain model's own base?")
     return {**header, "selected_fraction": groups["overall"],
+            "relative_delta_domain": rel,
             "selected_by_module": groups["by_module"], "selected_by_layer": groups["by_layer"],
             "abs_delta_domain": delta_t, "abs_reasoning_minus_base": delta_r,
-            "tensors": {n: {k: v for k, v in r.items() if not k.startswith("abs_")}
+            "tensors": {n: {k: v for k, v in r.items() if not k.startswith(("abs_", "sq_"))}
                         | {"abs_delta_domain_mean": r["abs_delta_domain"]["mean"],
                            "abs_delta_domain_p99": r["abs_delta_domain"]["percentiles"][99]}
                         for n, r in reports.items()}}

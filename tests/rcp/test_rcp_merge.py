@@ -287,3 +287,33 @@ def test_rcp_approx_end_to_end(fam, tmp_path, capsys):
 
 def _title(card: str) -> str:
     return next(ln for ln in card.splitlines() if ln.startswith("# "))
+
+
+def test_base_mismatch_warning_fires_on_a_wrong_base_only(tmp_path, capsys):
+    """Fine-tunes that move the weights by a tenth of their size: ‖θ_domain − base‖/‖base‖ ≈
+    0.1 against the true base, no warning; an unrelated base (another seed) is ≈ √2 away and
+    the merge says so."""
+    from mergekit_like.demo import make_family
+    from support.rcp_fixture import SHAPE
+
+    base, reasoning, domain = make_family(tmp_path / "fam", SHAPE, 2, delta_scale=0.002)
+    other_base = make_family(tmp_path / "other", SHAPE, 0, seed=5)[0]
+    fam = SimpleNamespace(base=base, reasoning=reasoning, domain=domain)
+    doc = recipe(fam, method="rcp_approx", params={"approx_lambda": 1.0, "density": 0.3})
+    reports = {}
+    for name, b in (("right", base), ("wrong", other_base)):
+        code, _, err = run_cli(["merge", write_recipe(tmp_path / f"{name}.yml",
+                                                      {**doc, "base_model": str(b)}),
+                                tmp_path / name], capsys)
+        assert code == 0, err
+        reports[name] = (err, json.loads((tmp_path / name / "rcp_report.json").read_text()))
+    pre, t = load_folder(base), load_folder(domain)
+    mats = [n for n in t if t[n].dim() >= 2]
+    want = math.sqrt(sum(float((t[n] - pre[n]).double().square().sum()) for n in mats)
+                     / sum(float(pre[n].double().square().sum()) for n in mats))
+    err, rep = reports["right"]
+    assert rep["relative_delta_domain"] == pytest.approx(want, rel=1e-9)
+    assert 0.05 < want < 0.2 and "own base" not in err
+    err, rep = reports["wrong"]
+    assert 1.2 < rep["relative_delta_domain"] < 1.6
+    assert "is base_model the domain model's own base?" in err
