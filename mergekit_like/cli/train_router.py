@@ -67,6 +67,9 @@ def train_router(
     keep: str | None = typer.Option(None, "--keep", help="WEMoE: keep the best (lowest held-out "
                                     "perplexity) or last routers; default: best with "
                                     "--val-data, else last."),
+    objective: str = typer.Option("confident", "--objective", help="WEMoE: confident (route "
+                                  "each text toward the expert most sure of it; default) or "
+                                  "entropy (the paper's test-time entropy minimisation)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto = CUDA when available)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -88,7 +91,7 @@ def train_router(
         settings = _wemoe_settings(
             lr=lr, steps=steps, max_length=max_length, seed=seed, batch_size=batch_size,
             grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing, reinit=reinit,
-            eval_every=eval_every, keep=keep)
+            eval_every=eval_every, keep=keep, objective=objective)
         _train_wemoe(bundle, data, settings, val_data, device, quiet)
         return
     raise MergeError(f"{bundle}: not a Twin bundle (no twin/twin.json) nor a WEMoE folder "
@@ -126,6 +129,10 @@ def _train_wemoe(root: Path, data: Path, settings, val_data: Path | None, device
                            console=err_console)
     out_console.print(f"steps: {r.steps}; entropy at step 0: {r.entropy_start:.4f}, at the end: "
                       f"{r.entropy_end:.4f}")
+    if r.pseudo_labels:
+        shares = ", ".join(f"{t} {n}" for t, n in r.pseudo_labels.items())
+        out_console.print(f"objective: confident expert; texts per most-confident expert: "
+                          f"{shares}")
     if r.best_perplexity is not None:
         out_console.print(f"best held-out perplexity: {r.best_perplexity:.4f} (step "
                           f"{min(r.evals, key=lambda e: e[1])[0]}); kept step {r.kept_step}")

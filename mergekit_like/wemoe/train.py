@@ -1,6 +1,9 @@
-"""`train-router` for a WEMoE folder (docs/methods/wemoe.md §5): test-time entropy minimisation of the routers.
+"""`train-router` for a WEMoE folder (docs/methods/wemoe.md §5): the routers trained on unlabeled
+texts, by the confident-expert objective (default, wemoe/confident.py) or the paper's test-time
+entropy minimisation (``objective="entropy"``):
 
-Objective, for a right-padded batch ids, mask [B, N] (mask 1 = real token) and logits [B, N, V]:
+Entropy objective, for a right-padded batch ids, mask [B, N] (mask 1 = real token) and logits
+[B, N, V]:
 
     H[b, n] = -Σ_v p log p,   p = softmax(logits[b, n]) in float32
     L       = (1/B) Σ_b  Σ_n mask[b, n]·H[b, n] / Σ_n mask[b, n]
@@ -34,6 +37,7 @@ from mergekit_like.runtime.evaluate import evaluate_perplexity
 from mergekit_like.runtime.hooks import enable_checkpointing
 from mergekit_like.runtime.metrics import next_token_entropy
 from mergekit_like.runtime.model import _load_tokenizer, require_transformers
+from mergekit_like.wemoe.confident import label_counts, pseudo_labels, routing_loss
 from mergekit_like.wemoe.method import init_router
 from mergekit_like.wemoe.runtime import is_wemoe, load_wemoe
 
@@ -43,6 +47,7 @@ ENTROPY_CHUNK = 512
 PROBE_EXAMPLES = 256
 """The entropy reported at step 0 and at the end is the objective on the first this many texts."""
 EVAL_BATCH = 8
+OBJECTIVES = ("confident", "entropy")
 
 
 @dataclass
@@ -59,6 +64,8 @@ class WemoeTrainSettings:
     reinit: bool = False
     eval_every: int = 50
     keep: str | None = None
+    objective: str = "confident"
+    """"confident" (wemoe/confident.py, the default) or "entropy" (the paper's)."""
 
     def resolved_keep(self, has_val: bool) -> str:
         """Check every option (one-line MergeError) and return the effective ``keep``."""
@@ -70,6 +77,8 @@ class WemoeTrainSettings:
                 raise MergeError(f"{name} {value}: must be at least {low}")
         if not self.lr > 0:
             raise MergeError(f"--lr {self.lr}: must be positive")
+        if self.objective not in OBJECTIVES:
+            raise MergeError(f"--objective {self.objective!r}: use {' or '.join(OBJECTIVES)}")
         keep = self.keep or ("best" if has_val else "last")
         if keep not in ("best", "last"):
             raise MergeError(f"--keep {keep!r}: use best or last")
@@ -90,6 +99,9 @@ class WemoeTrainResult:
     best_perplexity: float | None
     start_state: str = "init"
     evals: list[tuple[int, float, float]] = field(default_factory=list)
+    objective: str = "confident"
+    pseudo_labels: dict[str, int] = field(default_factory=dict)
+    """confident objective: how many training texts each expert was most sure of."""
 
 
 def train_wemoe_router(root: Path, data: Path, settings: WemoeTrainSettings, *,
@@ -137,6 +149,7 @@ def _fit(loaded, routers: dict, examples: list[Example], val: list[Example] | No
     evals = [(0, best[0].perplexity, best[0].entropy)] if val else []
     optimizer = torch.optim.Adam(list(routers.values()), lr=settings.lr)
     stream = batch_stream([ex.task for ex in examples], settings.batch_size, settings.seed)
+    targets, counts = _targets(model, dev, train, settings)
     with Progress(TextColumn("[bold]train-router"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("entropy {task.fields[loss]}"), console=console,
                   disable=quiet) as bar:
@@ -145,7 +158,7 @@ def _fit(loaded, routers: dict, examples: list[Example], val: list[Example] | No
         if val:
             say(_eval_line(*evals[0]))
         for step in range(1, settings.steps + 1):
-            loss = _step(model, dev, train, stream, optimizer, settings.grad_accum)
+            loss = _step(model, dev, train, stream, optimizer, settings.grad_accum, targets)
             bar.update(job, advance=1, loss=f"{loss:.4f}")
             if val and (step % settings.eval_every == 0 or step == settings.steps):
                 res = evaluate_perplexity(loaded, val, EVAL_BATCH)
@@ -160,16 +173,35 @@ def _fit(loaded, routers: dict, examples: list[Example], val: list[Example] | No
     end = start if kept == 0 else mean_entropy(model, dev, probe, settings.batch_size)
     return WemoeTrainResult(steps=settings.steps, entropy_start=start, entropy_end=end,
                             kept_step=kept, best_perplexity=best[0].perplexity if best else None,
-                            evals=evals)
+                            evals=evals, objective=settings.objective, pseudo_labels=counts)
 
 
-def _step(model, dev, train, stream, optimizer, grad_accum: int) -> float:
-    """One optimizer step over ``grad_accum`` micro-batches; returns the mean batch objective."""
+def _targets(model, dev, train, settings: WemoeTrainSettings
+             ) -> tuple[torch.Tensor | None, dict[str, int]]:
+    """The confident objective's t* of every training text (None for the entropy objective)."""
+    if settings.objective != "confident":
+        return None, {}
+    mlps = model.wemoe_mlps()
+    tasks = list(model.config.wemoe["tasks"])
+    labels = pseudo_labels(model, dev, train, len(tasks), len(mlps), settings.batch_size,
+                           lambda m, ids, mask, routing: sample_entropy(m, ids, mask,
+                                                                        routing=routing))
+    return labels.to(dev), label_counts(labels, tasks)
+
+
+def _step(model, dev, train, stream, optimizer, grad_accum: int,
+          targets: torch.Tensor | None = None) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches; returns the mean batch objective
+    (the routing loss toward ``targets`` when given, else the entropy)."""
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for _ in range(grad_accum):
-        ids, mask = (t.to(dev) for t in pad_batch([train[i] for i in next(stream)], "right"))
-        loss = sample_entropy(model, ids, mask).mean() / grad_accum
+        batch = next(stream)
+        ids, mask = (t.to(dev) for t in pad_batch([train[i] for i in batch], "right"))
+        if targets is not None:
+            loss = routing_loss(model, ids, mask, targets[batch]) / grad_accum
+        else:
+            loss = sample_entropy(model, ids, mask).mean() / grad_accum
         loss.backward()
         total += loss.item()
     optimizer.step()
@@ -177,14 +209,16 @@ def _step(model, dev, train, stream, optimizer, grad_accum: int) -> float:
 
 
 def sample_entropy(model, ids: torch.Tensor, mask: torch.Tensor,
-                   chunk: int = ENTROPY_CHUNK) -> torch.Tensor:
+                   chunk: int = ENTROPY_CHUNK, routing: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """Per-sample mean next-token entropy [B] float32 over the real positions of ids, mask [B, N].
 
     Only real positions are gathered from the logits [B, N, V], ``chunk`` at a time; under
     autograd each chunk's softmax is checkpointed (recomputed in backward), so beyond the
     logits themselves the entropy keeps about chunk·V floats alive, not B·N·V.
     """
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, N, V]
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False,
+                   wemoe_routing=routing).logits  # [B, N, V]; routing [L, B, T] forces r
     flat = logits.reshape(-1, logits.shape[-1])
     rows = mask.reshape(-1).nonzero().squeeze(1)               # flat indices of real positions
     sums = torch.zeros(ids.shape[0], dtype=torch.float32, device=logits.device)
@@ -326,7 +360,7 @@ def _metadata(data: Path, s: WemoeTrainSettings, r: WemoeTrainResult) -> dict[st
             "batch_size": str(s.batch_size), "grad_accum": str(s.grad_accum),
             "max_length": str(s.max_length), "seed": str(s.seed), "data_sha256": digest,
             "initial_entropy": repr(r.entropy_start), "final_entropy": repr(r.entropy_end),
-            "best_perplexity": best}
+            "best_perplexity": best, "objective": r.objective}
 
 
 def _wemoe_config(root: Path) -> dict:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from mergekit_like.zoo.build import Zoo
 from mergekit_like.zoo.quality_methods import RecipeMethod, run_merge_cli
 
@@ -21,6 +23,9 @@ class WEMoERow(RecipeMethod):
     one text, the task label dropped)."""
 
     trained: bool = False
+    oracle: bool = False
+    """Route every example one-hot to its own task (``fix_routing``): the ceiling a router can
+    reach; tasks outside the merge keep the untrained routing."""
 
     def build(self, zoo: Zoo, merged_tasks: Sequence[str], params: dict[str, Any],
               out: Path) -> Path:
@@ -42,13 +47,26 @@ class WEMoERow(RecipeMethod):
         from mergekit_like.runtime import evaluate_accuracy
         from mergekit_like.wemoe.runtime import load_wemoe
 
-        scores = evaluate_accuracy(load_wemoe(folder, device=device), examples,
-                                   batch_size=batch_size)
-        return {t: v for t, v in scores.items() if t != "average"}
+        loaded = load_wemoe(folder, device=device)
+        if not self.oracle:
+            scores = evaluate_accuracy(loaded, examples, batch_size=batch_size)
+            return {t: v for t, v in scores.items() if t != "average"}
+        tasks = list(loaded.model.config.wemoe["tasks"])
+        scores = {}
+        for task in dict.fromkeys(ex.task for ex in examples):
+            subset = [ex for ex in examples if ex.task == task]
+            routing = torch.nn.functional.one_hot(torch.tensor(tasks.index(task)),
+                                                  len(tasks)).float() if task in tasks else None
+            loaded.model.fix_routing(routing)
+            scores[task] = evaluate_accuracy(loaded, subset, batch_size=batch_size)[task]
+        loaded.model.fix_routing(None)
+        return scores
 
 
 WEMOE_ROWS = [
     WEMoERow("wemoe (untrained)", "wemoe", {}, sweep={"lambda": (0.3,)}, named=True),
+    WEMoERow("wemoe (oracle routing)", "wemoe", {}, sweep={"lambda": (0.3,)}, named=True,
+             oracle=True),
     WEMoERow("wemoe (train-router)", "wemoe", {}, sweep={"lambda": (0.3,)}, named=True,
              trained=True),
 ]

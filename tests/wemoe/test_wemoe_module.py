@@ -318,3 +318,22 @@ def test_tied_embeddings_low_precision_and_refusals(tmp_path):
                        n_positions=16, wemoe={**cfg["wemoe"], "router_hidden": 4})
     with pytest.raises(ValueError, match="gpt2"):
         WEMoEForCausalLM(gpt2)
+
+
+def test_fixed_routing_is_each_finetunes_mlp_until_unset(family, tmp_path):
+    """fix_routing(e_t) — the quality table's oracle row — gives fine-tune t's MLPs on every
+    sample, generation included; None restores the routers."""
+    base, fts, config, _ = family
+    loaded = load_wemoe(write_wemoe(tmp_path / "w", family, router=random_router), device="cpu")
+    model = loaded.model
+    routed, mask = logits(model)
+    for t in range(len(fts)):
+        model.fix_routing(torch.eye(len(fts))[t])
+        ref = {n: fts[t][n] if _is_mlp(n) else x + LAM * sum(ft[n] - x for ft in fts)
+               for n, x in base.items()}
+        got, _ = logits(model)
+        torch.testing.assert_close(got[mask], logits(llama(ref, config))[0][mask], **TOL)
+        gen = greedy_continuations(model, PROMPTS, 4, loaded.device)
+        assert torch.equal(gen, greedy_continuations(llama(ref, config), PROMPTS, 4, "cpu"))
+    model.fix_routing(None)
+    torch.testing.assert_close(logits(model)[0], routed, rtol=0, atol=0)

@@ -107,7 +107,7 @@ def metadata(out: Path) -> dict:
 
 def test_only_routers_change_and_entropy_goes_down(pristine, out, capsys):
     before = folder_digest(out)
-    code, stdout, err = train(out, pristine["train"], capsys)
+    code, stdout, err = train(out, pristine["train"], capsys, "--objective", "entropy")
     assert code == 0, err
     after = folder_digest(out)
     assert len(shard_names(out)) >= 2
@@ -218,3 +218,44 @@ def test_bad_input_is_one_line_before_loading(pristine, out, tmp_path, capsys, m
     assert code == 2 and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert folder_digest(out) == before
+
+
+def _routing_and_entropies(folder: Path, rows: list[dict]):
+    """Per text: r [L, T] of the trained routers, and the mean next-token entropy under each
+    expert forced one-hot (computed here from the logits, not by train-router's code)."""
+    from mergekit_like.wemoe.runtime import load_wemoe
+
+    model = load_wemoe(folder, device="cpu", dtype=torch.float32).model
+    routing, entropies = [], []
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row["input_ids"]])
+            model(input_ids=ids, use_cache=False)
+            routing.append(model.routing_weights()[:, 0])
+            per_expert = []
+            for t in range(2):
+                forced = torch.zeros(len(model.wemoe_mlps()), 1, 2)
+                forced[:, :, t] = 1.0
+                p = model(input_ids=ids, use_cache=False, wemoe_routing=forced).logits[0].softmax(-1)
+                per_expert.append(float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean()))
+            entropies.append(per_expert)
+    return torch.stack(routing), torch.tensor(entropies)
+
+
+def test_confident_objective_routes_each_text_to_its_surest_expert(pristine, out, capsys):
+    rows = [json.loads(line) for line in pristine["train"].read_text().splitlines()]
+    before, entropies = _routing_and_entropies(out, rows)
+    surest = entropies.argmin(dim=1)                          # t* by hand
+    code, stdout, err = run_cli(["train-router", out, "--data", pristine["train"], "--steps",
+                                 "60", "--lr", "1e-2", "--device", "cpu", "-q"], capsys)
+    assert code == 0, err
+    counts = {"a": int((surest == 0).sum()), "b": int((surest == 1).sum())}
+    assert f"texts per most-confident expert: a {counts['a']}, b {counts['b']}" in stdout
+    assert metadata(out)["objective"] == "confident"
+    after, _ = _routing_and_entropies(out, rows)
+    goal = torch.nn.functional.one_hot(surest, 2).float()[:, None]      # [N, 1, T]
+    dist_before = (before - goal).square().sum(-1).mean()
+    dist_after = (after - goal).square().sum(-1).mean()
+    assert dist_after < 0.5 * dist_before
+    # the largest routing weight now names the surest expert for most of these random texts
+    assert float((after.mean(dim=1).argmax(dim=-1) == surest).float().mean()) >= 0.7  # chance: 0.5

@@ -47,10 +47,11 @@ PATHS = ("auto", "factored", "materialized")
 class WEMoEState:
     """Shared by every WEMoE MLP of one model, set by ``WEMoEForCausalLM.forward``: ``mask``
     [B, N_total] or None; ``reuse`` (decode step: use each layer's cached r); ``routing``
-    [L, B, T] forced r or None; ``path``; ``budget_bytes``."""
+    [L, B, T] forced r or None; ``fixed`` [T]: one r for every sample and layer until unset
+    (``WEMoEForCausalLM.fix_routing``); ``path``; ``budget_bytes``."""
 
     def __init__(self, path: str, budget_mb: float):
-        self.mask, self.reuse, self.routing = None, False, None
+        self.mask, self.reuse, self.routing, self.fixed = None, False, None, None
         self.path, self.budget_bytes = path, int(budget_mb * 2 ** 20)
 
 
@@ -123,13 +124,15 @@ class WEMoEMLP(nn.Module):
             experts[name] = WEMoEExperts(storage, tasks, out, inp, lin.bias is not None, k, r)
         self.experts = nn.ModuleDict(experts)
         self.router = WEMoERouter(base.gate_proj.weight.shape[1], hidden, tasks)
-        self.cached_r = None
+        self.cached_r = self.live_r = None
 
     def route(self, h: torch.Tensor) -> torch.Tensor:
         """r [B, T] float32: the masked mean over real tokens of the per-token router outputs
         (or the prefill's r on decode steps; or the forced routing)."""
         state = self._state
-        if state.routing is not None:
+        if state.fixed is not None:
+            r = state.fixed.to(h.device, torch.float32).expand(h.shape[0], -1)
+        elif state.routing is not None:
             r = state.routing[self.layer_index].to(torch.float32)
         elif state.reuse and self.cached_r is not None:
             r = self.cached_r
@@ -142,6 +145,7 @@ class WEMoEMLP(nn.Module):
         if r.shape[0] != h.shape[0]:
             raise ValueError(f"WEMoE routing has {r.shape[0]} samples, the batch has {h.shape[0]}")
         self.cached_r = r.detach()
+        self.live_r = r  # with its graph, for train-router's routing objective
         return r
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -284,6 +288,12 @@ class WEMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def routing_weights(self) -> torch.Tensor:
         """The r of the last forward, [L, B, T] float32 (detached)."""
         return torch.stack([mlp.cached_r for mlp in self._wemoe_mlps])
+
+    def fix_routing(self, weights: torch.Tensor | None) -> None:
+        """Route every sample of every later forward (generation included) with ``weights``
+        [T] in every layer — e.g. one-hot to a task, the oracle routing — until called with
+        None."""
+        self.wemoe_state.fixed = None if weights is None else weights.detach().to(torch.float32)
 
     def set_forward_path(self, path: str, budget_mb: float | None = None) -> None:
         """Force ``auto``/``factored``/``materialized`` (and optionally the budget in MB)."""

@@ -1,0 +1,59 @@
+"""The confident-expert objective of WEMoE's ``train-router`` (docs/methods/wemoe.md §5.2): the
+default, in place of the paper's entropy minimisation.
+
+For a text x (real positions P) and each task t, route every layer one-hot to t (the oracle a
+labelled example would get: the MLPs of fine-tune t, the shared weights as merged) and take
+
+    H_t(x) = (1/|P|) Σ_{n∈P} H(softmax(logits_n))        next-token entropy under expert t
+    t*(x)  = argmin_t H_t(x)                              the expert most sure of this text
+
+once, before training (no label is read). Each step then regresses every layer's routing
+weights r_l(x) [T] (the masked mean over x's tokens of the router outputs) toward one-hot(t*):
+
+    L = (1/B) Σ_b (1/L) Σ_l ‖r_l(x_b) − e_{t*(x_b)}‖²
+
+Why not the paper's objective: minimising the entropy of every position also rewards confident
+guesses of tokens that no model can predict (the prompt of a task), and drives all routing
+toward whichever expert is most peaked — on the zoo it collapses and loses accuracy. Picking
+the expert by its confidence and copying that choice keeps the signal, uses the same unlabeled
+texts, and lets the router generalise it to texts it never saw.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from mergekit_like.runtime.data import pad_batch
+
+
+@torch.no_grad()
+def pseudo_labels(model, dev, seqs: Sequence[list[int]], n_tasks: int, layers: int,
+                  batch_size: int, entropy_of) -> torch.Tensor:
+    """t*(x) [N] int64 for every text (see the module doc); ``entropy_of(model, ids, mask,
+    routing)`` gives the per-sample mean entropy [B] under forced ``routing`` [L, B, T]."""
+    out = []
+    for k in range(0, len(seqs), batch_size):
+        ids, mask = (t.to(dev) for t in pad_batch(list(seqs[k:k + batch_size]), "right"))
+        per_task = []
+        for t in range(n_tasks):
+            routing = torch.zeros(layers, ids.shape[0], n_tasks, device=dev)
+            routing[:, :, t] = 1.0
+            per_task.append(entropy_of(model, ids, mask, routing))
+        out.append(torch.stack(per_task, dim=1).argmin(dim=1).cpu())
+    return torch.cat(out)
+
+
+def routing_loss(model, ids: torch.Tensor, mask: torch.Tensor,
+                 targets: torch.Tensor) -> torch.Tensor:
+    """L of one batch (scalar, float32): ids, mask [B, N]; targets [B] the texts' t*."""
+    model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+    r = torch.stack([mlp.live_r for mlp in model.wemoe_mlps()])        # [L, B, T]
+    goal = torch.nn.functional.one_hot(targets, r.shape[-1]).to(r.dtype)
+    return (r - goal[None]).square().sum(dim=-1).mean()
+
+
+def label_counts(labels: torch.Tensor, tasks: Sequence[str]) -> dict[str, int]:
+    """How many texts each expert was most sure of."""
+    return {t: int((labels == i).sum()) for i, t in enumerate(tasks)}
