@@ -22,10 +22,14 @@ from pathlib import Path
 from mergekit_like.zoo import PRESETS, Zoo
 from mergekit_like.zoo.build import build_zoos, seed_dir, to_stderr
 from mergekit_like.zoo.quality import format_table, run_quality
-from mergekit_like.zoo.quality_rcp import DOMAIN, REASONING, RCP_ROWS, format_gains
+from mergekit_like.zoo.quality_rcp import (DOMAIN, REASONING, RCP_ROWS, format_front,
+                                            format_gains, pareto_front, trade_off)
 from mergekit_like.zoo.script_args import add_zoo_arguments, zoo_request
 
 REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+BARS, FRONTS = "quality_accuracy.png", "quality_rcp_tradeoff.png"
+START, END = "<!-- quality-run:start -->", "<!-- quality-run:end -->"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None,
                         help="keep the merged models here (default: a temporary folder)")
     parser.add_argument("--device", default="auto", help="evaluation device: auto, cpu, cuda[:N]")
+    parser.add_argument("--doc", action="store_true",
+                        help="also write the tables into docs/quality.md (between its markers) "
+                             "and the figures beside it (needs matplotlib: the dev extra)")
     args = parser.parse_args(argv)
     preset, folder, seeds = zoo_request(args, REPO)
     manifests = build_zoos(folder, PRESETS[preset], seeds, jobs=args.jobs, log=to_stderr)
@@ -46,17 +53,43 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or Path(tmp)
         report = run_quality(zoos, work, device=args.device, log=to_stderr)
         rcp = run_quality(zoos, work / "reasoning-domain", methods=RCP_ROWS,
-                          merged_tasks=[REASONING, DOMAIN], device=args.device, log=to_stderr)
+                          merged_tasks=[REASONING, DOMAIN], device=args.device, log=to_stderr,
+                          every_test=True)
     built = ", ".join(f"seed {s}: {m['settings_hash']}, built in {m['build_seconds']:.0f} s"
                       for s, m in zip(seeds, manifests))
-    print(f"{preset} zoo ({built})\n")
-    print(format_table(report))
-    print(f"\n### Reasoning + domain ({REASONING} + {DOMAIN})\n")
-    print(format_table(rcp))
-    print()
-    print(format_gains(rcp))
+    curves = trade_off(rcp)
+    text = "\n".join([f"{preset} zoo ({built})\n", format_table(report),
+                      f"\n### Reasoning + domain ({REASONING} + {DOMAIN})\n", format_table(rcp),
+                      "", format_gains(rcp), "", "Trade-off over each method's sweep (test "
+                      "accuracy of every candidate, mean over the zoos):", "",
+                      format_front(curves)])
+    print(text)
+    if args.doc:
+        write_doc(text, report, curves)
     to_stderr(f"quality: {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def write_doc(text: str, report, curves) -> None:
+    """The tables between docs/quality.md's markers; the two PNGs beside it."""
+    from mergekit_like.zoo.figures import accuracy_bars, trade_off_curves
+    from mergekit_like.zoo.quality import mean
+
+    rows = report.rows
+    accuracy_bars([r.label for r in rows], [mean([r.test[t] for t in report.merged])
+                                             for r in rows],
+                  [mean([r.test[t] for t in report.tasks]) for r in rows], DOCS / BARS)
+    trade_off_curves(curves, {k: pareto_front(v) for k, v in curves.items()}, DOCS / FRONTS)
+    doc = DOCS / "quality.md"
+    old = doc.read_text()
+    figures = f"![accuracy per method]({BARS})\n\n![RCP trade-off]({FRONTS})\n"
+    block = f"{START}\n{text}\n\n{figures}{END}"
+    if START in old and END in old:
+        new = old[:old.index(START)] + block + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip("\n") + "\n\n## Latest run of scripts/quality.py --doc\n\n" + block + "\n"
+    doc.write_text(new)
+    to_stderr(f"wrote {doc}, {DOCS / BARS}, {DOCS / FRONTS}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ class Row:
     tests: list[dict[str, float]]
     chosen: list[dict[str, Any]] | None = None
     validation: list[list[tuple[dict[str, Any], float]]] | None = None
+    candidate_tests: list[list[dict[str, float]]] | None = None
+    """With ``every_test``: per zoo, the test accuracy of every candidate (sweep order), for
+    trade-off curves; the table itself only ever reports the candidate chosen on validation."""
 
     @property
     def test(self) -> dict[str, float]:
@@ -80,7 +83,7 @@ def param_text(params: Mapping[str, Any]) -> str:
 
 
 def _zoo_rows(zoo: Zoo, work: Path, methods: Sequence[Method], merged: list[str], device: str,
-              batch_size: int, log: Log) -> list[Row]:
+              batch_size: int, log: Log, every_test: bool = False) -> list[Row]:
     """The rows of one zoo: base, every fine-tune, every method (parameters chosen on
     validation, first best wins)."""
     from mergekit_like.runtime import read_examples
@@ -100,24 +103,31 @@ def _zoo_rows(zoo: Zoo, work: Path, methods: Sequence[Method], merged: list[str]
                 f"validation {score:.3f}")
             scored.append((params, score, folder))
         best_params, _, best_folder = max(scored, key=lambda s: s[1])
-        rows.append(Row(method.label, [accuracy(best_folder, test, device, batch_size)],
-                        [best_params], [[(p, s) for p, s, _ in scored]]))
+        every = [accuracy(f, test, device, batch_size) for _, _, f in scored] if every_test \
+            else None
+        best = every[scored.index(max(scored, key=lambda s: s[1]))] if every else \
+            accuracy(best_folder, test, device, batch_size)
+        rows.append(Row(method.label, [best], [best_params], [[(p, s) for p, s, _ in scored]],
+                        [every] if every else None))
     return rows
 
 
 def run_quality(zoos: Sequence[Zoo], work: Path, methods: Sequence[Method] = tuple(METHODS),
                 merged_tasks: Sequence[str] | None = None, device: str = "auto",
-                batch_size: int = 64, log: Log = lambda _msg: None) -> QualityReport:
+                batch_size: int = 64, log: Log = lambda _msg: None,
+                every_test: bool = False) -> QualityReport:
     """For every zoo: evaluate the base, every fine-tune and every method's merge of
     ``merged_tasks`` (default: the skill tasks) on every task's test split, each method with the
     candidate of best mean validation accuracy over the merged tasks. Rows hold one entry per
     zoo. Merged models go under ``work/<zoo folder name>/``."""
     merged = list(merged_tasks or zoos[0].tasks_of_kind("skill"))
-    per_zoo = [_zoo_rows(z, Path(work) / z.root.name, methods, merged, device, batch_size, log)
-               for z in zoos]
+    per_zoo = [_zoo_rows(z, Path(work) / z.root.name, methods, merged, device, batch_size, log,
+                         every_test) for z in zoos]
     rows = [Row(r.label, [z[i].tests[0] for z in per_zoo],
                 None if r.chosen is None else [z[i].chosen[0] for z in per_zoo],
-                None if r.validation is None else [z[i].validation[0] for z in per_zoo])
+                None if r.validation is None else [z[i].validation[0] for z in per_zoo],
+                None if r.candidate_tests is None else [z[i].candidate_tests[0]
+                                                        for z in per_zoo])
             for i, r in enumerate(per_zoo[0])]
     seeds = [z.manifest["settings"]["seed"] for z in zoos]
     return QualityReport(tasks=list(zoos[0].tasks), merged=merged, seeds=seeds, rows=rows)

@@ -71,12 +71,16 @@ class RoleRow(RecipeMethod):
         return doc
 
 
+DOMAIN_SCALES = (0.5, 1.0)
 RCP_ROWS = [
     RecipeMethod("task_arithmetic", "task_arithmetic", {"weight": 1.0},
-                 sweep={"lambda": (0.3, 0.5, 0.7, 1.0)}),
-    RecipeMethod("ties", "ties", {"weight": 1.0}, sweep={"density": (0.3, 0.5, 0.7)}),
-    RoleRow("rcp", "rcp", {}, sweep={"penalty_lambda": PENALTY_LAMBDAS}, votes=True),
-    RoleRow("rcp_approx", "rcp_approx", {}, sweep={"approx_lambda": (0.5, 1.0, 2.0)}),
+                 sweep={"lambda": (0.2, 0.3, 0.5, 0.7, 1.0)}),
+    RecipeMethod("ties", "ties", {"weight": 1.0},
+                 sweep={"density": (0.1, 0.3, 0.5, 0.7), "lambda": (0.5, 1.0)}),
+    RoleRow("rcp", "rcp", {}, sweep={"penalty_lambda": PENALTY_LAMBDAS,
+                                     "domain_scale": DOMAIN_SCALES}, votes=True),
+    RoleRow("rcp_approx", "rcp_approx", {}, sweep={"approx_lambda": (0.5, 1.0, 2.0),
+                                                   "domain_scale": DOMAIN_SCALES}),
 ]
 
 
@@ -106,4 +110,52 @@ def format_gains(report) -> str:
     for label, g in gains(report).items():
         lines.append(f"| {label} | {g[REASONING]:.2f} | {g[DOMAIN]:.2f} | "
                      f"{g['reasoning_kept']:.0%} | {g['domain_recovered']:.0%} |")
+    return "\n".join(lines)
+
+
+def trade_off(report) -> dict[str, list[tuple[float, float, dict[str, Any]]]]:
+    """Per method, every swept candidate as (reasoning kept, domain gain recovered, params),
+    test accuracies averaged over the zoos (needs ``run_quality(..., every_test=True)``)."""
+    rows = {r.label: r.test for r in report.rows}
+    base, r_ft, d_ft = rows["base"], rows[f"fine-tune: {REASONING}"], rows[f"fine-tune: {DOMAIN}"]
+    gain = d_ft[DOMAIN] - base[DOMAIN]
+    out: dict[str, list[tuple[float, float, dict[str, Any]]]] = {}
+    for row in report.rows:
+        if not row.candidate_tests:
+            continue
+        points = []
+        for k, (params, _) in enumerate(row.validation[0]):
+            per_zoo = [cands[k] for cands in row.candidate_tests]
+            reason = sum(t[REASONING] for t in per_zoo) / len(per_zoo)
+            domain = sum(t[DOMAIN] for t in per_zoo) / len(per_zoo)
+            points.append((reason / r_ft[REASONING] if r_ft[REASONING] else 0.0,
+                           (domain - base[DOMAIN]) / gain if gain else 0.0, params))
+        out[row.label] = points
+    return out
+
+
+def pareto_front(points: Sequence[tuple[float, float, Any]]) -> list[tuple[float, float, Any]]:
+    """The points no other point beats on both coordinates, by increasing reasoning kept."""
+    front = [p for p in points
+             if not any(q[0] >= p[0] and q[1] >= p[1] and (q[0], q[1]) != (p[0], p[1])
+                        for q in points)]
+    return sorted(front, key=lambda p: p[0])
+
+
+def best_domain_at(front: Sequence[tuple[float, float, Any]], kept: float) -> float | None:
+    """The most domain gain recovered among front points keeping ≥ ``kept`` of reasoning."""
+    ok = [p[1] for p in front if p[0] >= kept]
+    return max(ok) if ok else None
+
+
+def format_front(curves: dict[str, list[tuple[float, float, dict[str, Any]]]]) -> str:
+    """Markdown: each method's Pareto front, and its best domain recovery at ≥ 90 % kept."""
+    lines = ["| method | best domain gain recovered with reasoning kept ≥ 90 % | front "
+             "(reasoning kept, domain recovered: parameters) |", "|---|---|---|"]
+    for label, points in curves.items():
+        front = pareto_front(points)
+        best = best_domain_at(front, 0.9)
+        cells = "; ".join(f"{k:.0%}, {d:.0%}: {', '.join(f'{a}={b}' for a, b in p.items())}"
+                          for k, d, p in front)
+        lines.append(f"| {label} | {'—' if best is None else f'{best:.0%}'} | {cells} |")
     return "\n".join(lines)
