@@ -14,14 +14,11 @@ sign of a zero τ, which ``imp ≥ τ`` cannot see); a tensor holding NaN takes 
 from __future__ import annotations
 
 import math
-import threading
-import warnings
-from functools import lru_cache
-
 import numpy as np
 import torch
 
 from mergekit_like.kernels.breadcrumbs import sample_runs
+from mergekit_like.kernels.lazy_numba import LazyLoops, enabled
 from mergekit_like.ops.arcee_fusion import IQR_FACTOR, fusion_threshold as reference, \
     quantile_indices
 
@@ -29,30 +26,19 @@ MARGIN = 4.0
 """Bracket half-width in standard deviations of the sample quantile."""
 
 
-def warm_up() -> None:
-    """Import numba and load the compiled loops on a background thread, so that a merge pays
-    it while its first tensors are being read (``Method.warm_up``)."""
-    threading.Thread(target=_loops, name="selection-loops-warm-up", daemon=True).start()
+def _smoke(loops) -> None:
+    z = np.zeros(1, np.float32)
+    loops.bracket_counts(z, z, z, np.zeros((1, 4), np.int64))
 
 
-@lru_cache(maxsize=1)
-def _loops():
-    try:
-        from mergekit_like.kernels import select_loops
-
-        z = np.zeros(1, np.float32)
-        select_loops.bracket_counts(z, z, z, np.zeros((1, 4), np.int64))
-    except Exception as exc:  # pragma: no cover - numba is a dependency
-        warnings.warn(f"selection loops unavailable ({type(exc).__name__}: {exc})",
-                      RuntimeWarning, stacklevel=2)
-        return None
-    return select_loops
+LOOPS = LazyLoops("mergekit_like.kernels.select_loops", _smoke, "selection loops")
+warm_up = LOOPS.warm_up
 
 
 def order_statistics(a: np.ndarray, positions: list[int]) -> list[float]:
     """The values at 0-based ``positions`` of the ascending order of flat float32 ``a``
     (no NaN): ``np.partition(a, positions)[positions]``, without partitioning all of ``a``."""
-    n, loops = a.size, _loops()
+    n, loops = a.size, LOOPS.get()
     sample = np.sort(sample_runs(torch.from_numpy(a)).numpy())
     s = sample.size
     if loops is None or s == n:
@@ -101,7 +87,8 @@ def fusion_threshold(importance: torch.Tensor) -> torch.Tensor:
     """τ = Q(0.5) + 1.5·(Q(0.75) − Q(0.25)) over every element (n ≥ 1): a 0-d tensor of the
     importance's dtype, equal to ``ops.arcee_fusion.fusion_threshold``."""
     flat = importance.reshape(-1)
-    if flat.device.type != "cpu" or flat.dtype != torch.float32 or bool(torch.isnan(flat).any()):
+    if flat.device.type != "cpu" or flat.dtype != torch.float32 or not enabled() \
+            or bool(torch.isnan(flat).any()):
         return reference(importance)
     q1, med, q3 = (torch.tensor(v, dtype=flat.dtype)
                    for v in order_statistics(flat.contiguous().numpy(),

@@ -8,15 +8,19 @@ threshold). Bit-equal to ``ops.breadcrumbs.outlier_keep_sorted``, the paper form
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
+from mergekit_like.kernels import fused_cpu
 from mergekit_like.kernels.kth_largest import (SAMPLE_MAX, SAMPLE_MIN, SAMPLE_RUN, flat_nonzero,
                                                kth_largest, tie_cutoff, trim_threshold)
 from mergekit_like.kernels.tiling import PIECE, Scratch, buffer, run_parallel
 from mergekit_like.ops.breadcrumbs import outlier_counts, outlier_keep_sorted
 from mergekit_like.tensor_task import TensorTask
+
+INT64_MAX = 2**63 - 1
 
 
 def outlier_keep(delta: torch.Tensor, density: float, gamma: float,
@@ -117,6 +121,18 @@ def band_tops(task: TensorTask, x: torch.Tensor, density: float, gamma: float,
         return Top(m, task.numel, kth.value, cutoff)
 
     return top_of(top + keep), top_of(top)
+
+
+def fused_band(tops: tuple[Top, Top]) -> fused_cpu.Band:
+    """The band keep = top(t + k) ∖ top(t) as the fused loops take it: each top(m) as (v, c),
+    {|δ| > v} ∪ {|δ| = v at flat indices ≤ c}, the same sets ``top_piece`` builds."""
+    def pair(top: Top) -> tuple[float, int]:
+        if top.m <= 0:
+            return (math.inf, -1)                 # nothing (|δ| finite)
+        if top.m >= top.n:
+            return (-1.0, -1)                     # everything (|δ| ≥ 0)
+        return (top.value, INT64_MAX if top.cutoff is None else top.cutoff)
+    return fused_cpu.Band(pair(tops[0]), pair(tops[1]))
 
 
 def top_piece(a: torch.Tensor, top: Top, offset: int, out: torch.Tensor) -> torch.Tensor:

@@ -13,40 +13,28 @@ ranks of ``magprune_ranks`` (tests/kernels/test_della_kernel.py).
 
 from __future__ import annotations
 
-import threading
-import warnings
-from functools import lru_cache, partial
+from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from mergekit_like.kernels.tiling import pieces, run_parallel, spans
+from mergekit_like.kernels.lazy_numba import LazyLoops, enabled
+from mergekit_like.kernels.tiling import exact_total, pieces, row_elems, run_parallel, spans
 from mergekit_like.ops.della import keep_thresholds, magprune_probs, rank_rows
 from mergekit_like.ops.task_vectors import task_vector
 from mergekit_like.tensor_task import TensorTask
 
 
-def warm_up() -> None:
-    """Import numba and load the compiled loops on a background thread, so that a merge pays
-    it while its first tensors are being read (``Method.warm_up``)."""
-    threading.Thread(target=_loops, name="della-loops-warm-up", daemon=True).start()
+def _smoke(loops) -> None:
+    keys = np.zeros((1, 2), np.uint64)
+    loops.row_keys(np.zeros(2, np.float32), 2, keys)
+    loops.keep_from_sorted(keys, 2, 0, np.uint64(0), np.zeros(2, np.int64),
+                           np.zeros(2, np.bool_))
 
 
-@lru_cache(maxsize=1)
-def _loops():
-    """The compiled loops, or None when numba cannot provide them (the torch path runs)."""
-    try:
-        from mergekit_like.kernels import della_loops
-
-        keys = np.zeros((1, 2), np.uint64)
-        della_loops.row_keys(np.zeros(2, np.float32), 2, keys)
-        della_loops.keep_from_sorted(keys, 2, 0, np.uint64(0), np.zeros(2, np.int64),
-                                     np.zeros(2, np.bool_))
-    except Exception as exc:  # pragma: no cover - numba is a dependency
-        warnings.warn(f"della loops unavailable ({type(exc).__name__}: {exc})", RuntimeWarning,
-                      stacklevel=2)
-        return None
-    return della_loops
+LOOPS = LazyLoops("mergekit_like.kernels.della_loops", _smoke, "della loops")
+warm_up = LOOPS.warm_up
 
 
 def supported(task: TensorTask) -> bool:
@@ -54,7 +42,7 @@ def supported(task: TensorTask) -> bool:
     float sort's order of NaN is not the keys' order), rows shorter than 2³²."""
     return (task.device.type == "cpu" and task.compute_dtype == torch.float32
             and len(task.shape) in (1, 2) and task.numel > 0 and task.inputs_finite
-            and rank_rows(task.shape) < 2**32 and _loops() is not None)
+            and rank_rows(task.shape) < 2**32 and enabled() and LOOPS.get() is not None)
 
 
 def rank_thresholds(m: int, density: float, epsilon: float) -> np.ndarray:
@@ -63,17 +51,27 @@ def rank_thresholds(m: int, density: float, epsilon: float) -> np.ndarray:
     return keep_thresholds(magprune_probs(ranks, m, density, epsilon)).numpy()
 
 
-def keep_rows(delta: torch.Tensor, m: int, offset: int, key: int,
-              thresholds: np.ndarray) -> torch.Tensor:
-    """MAGPRUNE's keep bits [flat bool] of a flat float32 piece of whole rows of m entries whose
-    first entry has flat index ``offset``; ``thresholds`` from ``rank_thresholds``."""
-    loops = _loops()
-    keys = np.empty((delta.numel() // m, m), np.uint64)
+def keep_rows(delta: torch.Tensor, m: int, offset: int, key: int, thresholds: np.ndarray,
+              out: torch.Tensor | None = None, keys: np.ndarray | None = None) -> torch.Tensor:
+    """MAGPRUNE's keep bits [flat bool, into ``out`` when given] of a flat float32 piece of
+    whole rows of m entries whose first entry has flat index ``offset``; ``thresholds`` from
+    ``rank_thresholds``; ``keys``: optional uint64 work buffer of at least the piece's length
+    (fresh buffers per piece cost page faults comparable to the sort)."""
+    loops = LOOPS.get()
+    n = delta.numel()
+    keys = (np.empty(n, np.uint64) if keys is None else keys[:n]).reshape(n // m, m)
     loops.row_keys(delta.numpy(), m, keys)
     keys.sort(axis=1)
-    keep = np.empty(delta.numel(), np.bool_)
-    loops.keep_from_sorted(keys, m, offset, np.uint64(key), thresholds, keep)
-    return torch.from_numpy(keep)
+    out = torch.empty(n, dtype=torch.bool) if out is None else out
+    loops.keep_from_sorted(keys, m, offset, np.uint64(key), thresholds, out.numpy())
+    return out
+
+
+class Keep(NamedTuple):
+    """MAGPRUNE's keep mask of one model's tensor (flat bool) and, when asked for, the totals
+    of the "l1" rescale: ‖δ‖₁ and ‖keep⊙δ‖₁ as ``TaskVectorMethod._l1_factors`` sums them."""
+    keep: torch.Tensor
+    l1: tuple[float, float] | None = None
 
 
 def magprune_keep(task: TensorTask, x: torch.Tensor, key: int, density: float,
@@ -81,6 +79,14 @@ def magprune_keep(task: TensorTask, x: torch.Tensor, key: int, density: float,
     """MAGPRUNE's keep mask [flat bool, the tensor's numel] of model input ``x``: δ = cast(x) −
     cast(b) piece by piece, ranked along rows (``supported`` must hold); the task's row spans
     run on ``task.workers`` threads."""
+    return magprune(task, x, key, density, epsilon, l1=False).keep
+
+
+def magprune(task: TensorTask, x: torch.Tensor, key: int, density: float, epsilon: float,
+             l1: bool) -> Keep:
+    """``magprune_keep``'s mask, and with ``l1`` the "l1" totals from the same pass over δ:
+    the float64 row sums of |δ| and |keep·δ| of the same pieces (so the same torch sums, the
+    same bits) that the adapter's own pass would make, summed exactly."""
     m = rank_rows(task.shape)
     table = rank_thresholds(m, density, epsilon)
     keep = torch.empty(task.numel, dtype=torch.bool)
@@ -88,16 +94,42 @@ def magprune_keep(task: TensorTask, x: torch.Tensor, key: int, density: float,
         delta = torch.empty(task.numel, dtype=torch.float32)
         for off, (b, xp) in pieces(task, [task.base, x]):
             task_vector(xp, b, out=delta[off:off + b.numel()])
-        return keep_rows(delta, m, 0, key, table)
+        keep = keep_rows(delta, m, 0, key, table)
+        sums = [_l1_sums(delta, keep, 1, {})] if l1 else []
+    else:
+        def span_keep(span: tuple[int, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            bufs: dict[str, torch.Tensor] = {}
+            out = []
+            for off, (b, xp) in pieces(task, [task.base, x], span=span):
+                n = b.numel()
+                delta = task_vector(xp, b, out=_buf(bufs, "delta", n, torch.float32))
+                keys = _buf(bufs, "keys", n, torch.float64).numpy().view(np.uint64)
+                keep_rows(delta, m, off, key, table, keep[off:off + n], keys)
+                if l1:
+                    out.append(_l1_sums(delta, keep[off:off + n], row_elems(task.shape), bufs))
+            return out
 
-    def span_keep(span: tuple[int, int]) -> None:
-        buf = torch.empty(0, dtype=torch.float32)
-        for off, (b, xp) in pieces(task, [task.base, x], span=span):
-            n = b.numel()
-            if buf.numel() < n:
-                buf = torch.empty(n, dtype=torch.float32)
-            delta = task_vector(xp, b, out=buf[:n])
-            keep[off:off + n] = keep_rows(delta, m, off, key, table)
+        parts = run_parallel([partial(span_keep, s) for s in spans(task)], task.workers)
+        sums = [p for part in parts for p in part]
+    if not l1:
+        return Keep(keep)
+    return Keep(keep, (exact_total([f for f, _ in sums]), exact_total([k for _, k in sums])))
 
-    run_parallel([partial(span_keep, s) for s in spans(task)], task.workers)
-    return keep
+
+def _buf(bufs: dict[str, torch.Tensor], slot: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    if slot not in bufs or bufs[slot].numel() < n:
+        bufs[slot] = torch.empty(n, dtype=dtype)
+    return bufs[slot][:n]
+
+
+def _l1_sums(delta: torch.Tensor, keep: torch.Tensor, row: int,
+             bufs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row float64 sums of |δ| and |keep·δ| of a piece of whole rows, as
+    ``tiling.row_sums`` makes them (the terms from one compiled pass)."""
+    n = delta.numel()
+    full = _buf(bufs, "full", n, torch.float64)
+    kept = _buf(bufs, "kept", n, torch.float64)
+    LOOPS.get().l1_terms(delta.numpy(), keep.numpy(), full.numpy(), kept.numpy())
+    if row == 1:
+        return full.clone(), kept.clone()
+    return full.view(-1, row).sum(dim=1), kept.view(-1, row).sum(dim=1)

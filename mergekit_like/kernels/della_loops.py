@@ -7,7 +7,8 @@ by decreasing column (the lowest index ranks highest, ``ops.della.magprune_ranks
 numpy sorts the rows (``np.sort`` is a vectorised sort for uint64); ``keep_from_sorted`` then
 gives each entry its rank r = position and MAGPRUNE's keep bit: u_j (``ops.drop``'s SplitMix64
 draw) below the threshold of rank r, from a table that ``ops.della.magprune_probs`` /
-``keep_thresholds`` compute once per tensor (it depends on r, m, d and ε only).
+``keep_thresholds`` compute once per tensor (it depends on r, m, d and ε only); ``l1_terms``
+gives the float64 terms of the "l1" rescale's sums in the same pass.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from mergekit_like.kernels.fused_loops import _f32_to_bits
+from mergekit_like.kernels.fused_loops import _f32_to_bits, _select
 from mergekit_like.ops.drop import GOLDEN, MIX1, MIX2, U_SHIFT
 
 _JIT = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False)
@@ -50,3 +51,13 @@ def keep_from_sorted(keys, m, offset, key, thresholds, keep):  # pragma: no cove
             z = (z ^ (z >> np.uint64(27))) * _MIX2
             z = z ^ (z >> np.uint64(31))
             keep[i] = np.int64(z >> _U_SHIFT) < thr
+
+
+@njit(**_JIT)
+def l1_terms(delta, keep, full, kept):  # pragma: no cover - compiled
+    """full = float64(|δ|), kept = float64(|δ·keep|) of a flat float32 piece: the terms the
+    "l1" rescale sums (``TaskVectorMethod._l1_factors``: abs, ``δ.mul_(keep)``, abs, cast)."""
+    for i in range(delta.size):
+        d = delta[i]
+        full[i] = np.float64(abs(d))
+        kept[i] = np.float64(abs(d * _select(keep[i], np.float32(1), np.float32(0))))

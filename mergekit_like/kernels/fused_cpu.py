@@ -10,27 +10,26 @@ to hit every branch):
 * ``scan_abs_delta``: one read pass of ``kth_largest.scan_pass`` over a span of |δ| = |x − b|:
   #(|δ| > hi), #(|δ| ≥ hi), #(|δ| ≥ lo) and the values (with flat indices) in [c_lo, c_hi].
 * ``merge_span``: out = b + λ·Δ of docs/methods/task_arithmetic.md §1 over a span, for
-  magnitude-trimmed (TIES), randomly dropped (DARE) or whole δ_i, with or without the sign
+  magnitude-trimmed (TIES), randomly dropped (DARE), masked by precomputed keep bits (DELLA's
+  MAGPRUNE: ``Keep``), banded (breadcrumbs: ``Band``) or whole δ_i, with or without the sign
   consensus, written in the output dtype.
 
 bf16 is read as its bit pattern (uint16 << 16 is the float32 of equal value) and written with
 round-to-nearest-even, as torch casts. Only used when ``supported`` says so: CPU, float32
 compute, bf16/float32 contiguous inputs, no load rounding; and, for ``merge_span``, inputs known
 finite (torch's vectorised bf16 cast spells NaN differently from its scalar one).
-``MERGEKIT_LIKE_FUSED=0`` turns them off. numba compiles each signature once (cached on disk).
+``MERGEKIT_LIKE_FUSED=0`` turns them off (``lazy_numba.enabled``). numba compiles each signature
+once (cached on disk).
 """
 
 from __future__ import annotations
 
-import os
-import threading
-import warnings
-from functools import lru_cache
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from mergekit_like.kernels.lazy_numba import LazyLoops, enabled
 from mergekit_like.ops.drop import KEEP_ALL
 from mergekit_like.ops.task_vectors import plain_denominator
 
@@ -39,10 +38,6 @@ PIECE = 1 << 16
 is then located by recomputing |δ| over one such piece only."""
 
 _RAW = {torch.bfloat16: np.uint16, torch.float32: np.float32}
-
-
-def enabled() -> bool:
-    return os.environ.get("MERGEKIT_LIKE_FUSED", "1") != "0"
 
 
 def supported(task: Any, tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> bool:
@@ -65,29 +60,22 @@ def raw(t: torch.Tensor) -> np.ndarray:
     return flat.numpy()
 
 
+def _smoke(kernels) -> None:
+    a = np.zeros(kernels.CHUNK, np.uint16)
+    kernels.scan(a, a, np.float32(1), np.float32(0), np.float32(0), np.float32(1), True, 0, PIECE)
+
+
+LOOPS = LazyLoops("mergekit_like.kernels.fused_loops", _smoke, "fused CPU loops",
+                  fallback="merging with torch operations (slower)")
+_kernels = LOOPS.get
+"""The compiled loops, or None when numba cannot provide them here (then every merge takes
+the torch path)."""
+
+
 def warm_up() -> None:
-    """Import numba and load the compiled loops on a background thread (about 0.5–1 s from
-    the disk cache), so that a merge pays it while its first tensors are being read."""
+    """Load the compiled loops on a background thread while a merge reads its first tensors."""
     if enabled():
-        threading.Thread(target=_kernels, name="fused-cpu-warm-up", daemon=True).start()
-
-
-@lru_cache(maxsize=1)
-def _kernels():
-    """The compiled loops, or None when numba cannot provide them here (then every merge takes
-    the torch path): one tiny call loads (or compiles) them, so a numba that cannot import or
-    cannot write its cache fails here, not in the middle of a merge."""
-    try:
-        from mergekit_like.kernels import fused_loops as kernels
-
-        a = np.zeros(kernels.CHUNK, np.uint16)
-        kernels.scan(a, a, np.float32(1), np.float32(0), np.float32(0), np.float32(1), True, 0,
-                     PIECE)
-    except Exception as exc:  # pragma: no cover - numba is a dependency; a broken one falls back
-        warnings.warn(f"fused CPU loops unavailable ({type(exc).__name__}: {exc}); merging with "
-                      "torch operations (slower)", RuntimeWarning, stacklevel=2)
-        return None
-    return kernels
+        LOOPS.warm_up()
 
 
 def scan_abs_delta(x: torch.Tensor, b: torch.Tensor, span: tuple[int, int], lo: float,
@@ -134,13 +122,62 @@ class Drop:
         self.key, self.threshold = key, threshold
 
 
+class Keep:
+    """One model's precomputed keep mask (flat bool, the tensor's length; DELLA's MAGPRUNE):
+    δ̂ = δ·keep, as ``δ.mul_(keep)``."""
+
+    def __init__(self, keep: torch.Tensor):
+        self.keep = keep
+
+
+class Band:
+    """One model's breadcrumbs band: keep top(hi) ∖ top(lo), each top(m) given as (v, c):
+    {|δ| > v} ∪ {|δ| = v at flat indices ≤ c} (``kernels.breadcrumbs.Top``); δ̂ = δ·keep."""
+
+    def __init__(self, hi: tuple[float, int], lo: tuple[float, int]):
+        self.hi, self.lo = hi, lo
+
+
+_ALL = (-1.0, -1)                       # top(v, c) holding every finite |δ| ≥ 0
+_NONE = (float("inf"), -1)              # … and none of them
+
+
+MAX_KEEP_MODELS = 32
+"""Most models whose keep masks the loops take (bit j of one uint32 per entry)."""
+
+
+def forms_supported(trims: Sequence[Any]) -> bool:
+    """Whether ``merge_span`` takes these per-model forms (at most ``MAX_KEEP_MODELS`` models
+    when any has a ``Keep``)."""
+    return len(trims) <= MAX_KEEP_MODELS or not any(isinstance(t, Keep) for t in trims)
+
+
+def _mask_tuple(trims: Sequence[Any], s: int, e: int) -> tuple | None:
+    """The span's keep masks, one uint8 array per model (all ones for a model without one), or
+    None when no model has one."""
+    if not any(isinstance(t, Keep) for t in trims):
+        return None
+    return tuple(raw(t.keep)[s:e].view(np.uint8) if isinstance(t, Keep)
+                 else np.ones(e - s, np.uint8) for t in trims)
+
+
+def _band_tuples(trims: Sequence[Any]) -> tuple | None:
+    """(v_hi, c_hi, v_lo, c_lo) per-model tuples (keep-all for models without a band), or
+    None."""
+    if not any(isinstance(t, Band) for t in trims):
+        return None
+    pairs = [(t.hi, t.lo) if isinstance(t, Band) else (_ALL, _NONE) for t in trims]
+    return (tuple(np.float32(hi[0]) for hi, _ in pairs), tuple(np.int64(hi[1]) for hi, _ in pairs),
+            tuple(np.float32(lo[0]) for _, lo in pairs), tuple(np.int64(lo[1]) for _, lo in pairs))
+
+
 def merge_span(out: torch.Tensor, keep: torch.Tensor | None, base: torch.Tensor,
                xs: Sequence[torch.Tensor], span: tuple[int, int], trims: Sequence[Trim | None],
                scales: Sequence[tuple[int, float]], weights: Sequence[float], *,
                consensus: bool, normalize: bool, lam: float) -> None:
     """out[span] = b + λ·Δ (the torch steps of the task-vector adapter, fused).
 
-    ``trims[i]``: model i's ``Trim`` or ``Drop`` (None: not sparsified); ``scales[i]``: its
+    ``trims[i]``: model i's ``Trim``, ``Drop``, ``Keep`` or ``Band`` (None: not sparsified); ``scales[i]``: its
     rescale step (mode, value) of ``ops.drop.rescale_`` (SCALE_NONE, SCALE_BY r, SCALE_DIVIDE d);
     ``weights[i]`` = w_i. ``keep`` (float32, the tensor's length) receives Δ before λ when given
     (grid memo)."""
@@ -162,5 +199,5 @@ def merge_span(out: torch.Tensor, keep: torch.Tensor | None, base: torch.Tensor,
     norm_div = f32(plain_denominator(weights))
     keep_r = raw(keep)[s:e] if keep is not None else None
     k.merge(raw(out)[s:e], keep_r, raw(base)[s:e], tuple(raw(x)[s:e] for x in xs), value,
-            below, cutoff, keys, thresholds, mode, scale, w, consensus, normalize, norm_div,
-            f32(lam), s)
+            below, cutoff, keys, thresholds, _mask_tuple(trims, s, e), _band_tuples(trims), mode,
+            scale, w, consensus, normalize, norm_div, f32(lam), s)

@@ -155,23 +155,85 @@ def _drop_impl(d, keys, thresholds, j, flat):
     return drop
 
 
+def _row_bits(masks, i):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(_row_bits, inline="always")
+def _row_bits_impl(masks, i):
+    """Entry i's keep bits (bit j: model j keeps it) of the precomputed masks (a tuple of one
+    uint8 array per model, at most 32), as uint32; None when there are none. Loaded once per
+    entry, outside ``_weighted``: read inside it, the loads made the loop ten times slower."""
+    if isinstance(masks, types.NoneType):
+        return lambda masks, i: None
+
+    def row_bits(masks, i):
+        bits = np.uint32(masks[0][i])
+        for j in range(1, len(masks)):
+            bits = bits | (np.uint32(masks[j][i]) << np.uint32(j))
+        return bits
+    return row_bits
+
+
+def _masked(d, bits, j):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(_masked, inline="always")
+def _masked_impl(d, bits, j):
+    """δ·keep_j with a precomputed keep mask (DELLA's MAGPRUNE): bit j of ``bits``
+    (``_row_bits``), as torch's ``δ.mul_(keep)`` (a dropped entry is δ·0 = ±0); compiled away
+    when None."""
+    if isinstance(bits, types.NoneType):
+        return lambda d, bits, j: d
+
+    def masked(d, bits, j):
+        keep = (bits >> np.uint32(j)) & np.uint32(1)
+        return d * _select(keep != 0, np.float32(1), np.float32(0))
+    return masked
+
+
+def _banded(d, band, j, flat):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(_banded, inline="always")
+def _banded_impl(d, band, j, flat):
+    """δ·(top_hi ∖ top_lo) of the breadcrumbs band, top(v, c) = {|δ| > v} ∪ {|δ| = v at flat
+    indices ≤ c} (``kernels.breadcrumbs.top_piece``), as torch's ``δ.mul_(keep)``; ``band`` =
+    (v_hi, c_hi, v_lo, c_lo) per-model tuples; compiled away when None."""
+    if isinstance(band, types.NoneType):
+        return lambda d, band, j, flat: d
+
+    def banded(d, band, j, flat):
+        v_hi, c_hi, v_lo, c_lo = band
+        a = abs(d)
+        hi = (a > v_hi[j]) | ((a == v_hi[j]) & (flat <= c_hi[j]))
+        lo = (a > v_lo[j]) | ((a == v_lo[j]) & (flat <= c_lo[j]))
+        return d * _select(hi & ~lo, np.float32(1), np.float32(0))
+    return banded
+
+
 @njit(inline="always")
-def _weighted(x, i, bb, flat, j, params):
-    """W = w·δ̂ of one element of model j: δ = x − b; magnitude trim (value > 0) or random drop;
-    rescale; weight. ``params``: the per-model tuples of ``merge``."""
-    value, below, cutoff, keys, thresholds, mode, scale, w = params
+def _weighted(x, bits, i, bb, flat, j, params):
+    """W = w·δ̂ of one element of model j: δ = x − b; magnitude trim (value > 0), random drop,
+    precomputed keep mask or band; rescale; weight. ``params``: the per-model tuples of
+    ``merge``."""
+    value, below, cutoff, keys, thresholds, band, mode, scale, w = params
     d = _f32(x[i]) - bb
     t = _select(flat <= cutoff[j], below[j], value[j])
     d = _select((value[j] > np.float32(0)) & (d >= -t) & (d <= t), np.float32(0), d)  # hardshrink
     d = _drop(d, keys, thresholds, j, flat)
+    d = _masked(d, bits, j)
+    d = _banded(d, band, j, flat)
     d = _select(mode[j] == _SCALE_BY, d * scale[j],
                 _select(mode[j] == _SCALE_DIVIDE, d / scale[j], d))
     return d * w[j]
 
 
 @njit(**_JIT)
-def merge(out, keep, b, xs, value, below, cutoff, keys, thresholds, mode, scale, w, consensus,
-          normalize, norm_div, lam, offset):
+def merge(out, keep, b, xs, value, below, cutoff, keys, thresholds, masks, band, mode, scale, w,
+          consensus, normalize, norm_div, lam, offset):
     """out = b + λ·Δ over a span (and Δ into ``keep`` unless None); see
     ``fused_cpu.merge_span``. ``xs`` and the per-model
     parameters are tuples whose length is part of the compiled type, so the loops over models
@@ -179,19 +241,20 @@ def merge(out, keep, b, xs, value, below, cutoff, keys, thresholds, mode, scale,
     one = np.float32(1.0)
     zero = np.float32(0.0)
     n_models = len(xs)
-    params = (value, below, cutoff, keys, thresholds, mode, scale, w)
+    params = (value, below, cutoff, keys, thresholds, band, mode, scale, w)
     for i in range(out.shape[0]):
         bb = _f32(b[i])
+        bits = _row_bits(masks, i)
         flat = offset + i
-        total = _weighted(xs[0], i, bb, flat, 0, params)
+        total = _weighted(xs[0], bits, i, bb, flat, 0, params)
         for j in range(1, n_models):
-            total = total + _weighted(xs[j], i, bb, flat, j, params)      # S = Σ_i W_i
+            total = total + _weighted(xs[j], bits, i, bb, flat, j, params)      # S = Σ_i W_i
         if consensus:
             sign = _select(total >= zero, one, -one)                        # S = 0 elects +1
             acc = zero
             denom = zero
             for j in range(n_models):
-                v = _weighted(xs[j], i, bb, flat, j, params) * sign
+                v = _weighted(xs[j], bits, i, bb, flat, j, params) * sign
                 v = _select(v < zero, zero, v)                              # torch.relu
                 agree = _select(v > zero, one, zero)
                 if j == 0:

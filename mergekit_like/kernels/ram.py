@@ -10,40 +10,27 @@ models (torch's reduction over dim 0 of more rows is no longer a plain sum in mo
 
 from __future__ import annotations
 
-import threading
-import warnings
-from functools import lru_cache, partial
+from functools import partial
 
 import numpy as np
 import torch
 
 from mergekit_like.kernels import fused_cpu
+from mergekit_like.kernels.lazy_numba import LazyLoops
 from mergekit_like.kernels.tiling import run_parallel, spans
 from mergekit_like.tensor_task import TensorTask
 
 MAX_MODELS = 4
 
 
-def warm_up() -> None:
-    """Import numba and load the compiled loops on a background thread, so that a merge pays
-    it while its first tensors are being read (``Method.warm_up``)."""
-    threading.Thread(target=_loops, name="ram-loops-warm-up", daemon=True).start()
+def _smoke(loops) -> None:
+    a = np.zeros(4, np.uint16)
+    c = np.zeros(1, np.int64)
+    loops.counts(a, (a,), np.float32(0), c, c)
 
 
-@lru_cache(maxsize=1)
-def _loops():
-    """The compiled loops, or None when numba cannot provide them (the torch path runs)."""
-    try:
-        from mergekit_like.kernels import ram_loops
-
-        a = np.zeros(4, np.uint16)
-        c = np.zeros(1, np.int64)
-        ram_loops.counts(a, (a,), np.float32(0), c, c)
-    except Exception as exc:  # pragma: no cover - numba is a dependency
-        warnings.warn(f"ram loops unavailable ({type(exc).__name__}: {exc})", RuntimeWarning,
-                      stacklevel=2)
-        return None
-    return ram_loops
+LOOPS = LazyLoops("mergekit_like.kernels.ram_loops", _smoke, "ram loops")
+warm_up = LOOPS.warm_up
 
 
 def supported(task: TensorTask, models: list[int]) -> bool:
@@ -54,7 +41,7 @@ def supported(task: TensorTask, models: list[int]) -> bool:
     return (task.numel > 0 and 1 <= len(xs) <= MAX_MODELS and task.inputs_finite
             and len({x.dtype for x in xs}) == 1
             and task.out_dtype in (torch.bfloat16, torch.float32)
-            and fused_cpu.supported(task, [task.base, *xs]) and _loops() is not None)
+            and fused_cpu.supported(task, [task.base, *xs]) and LOOPS.get() is not None)
 
 
 def _parts(task: TensorTask, models: list[int]):
@@ -66,7 +53,7 @@ def _parts(task: TensorTask, models: list[int]):
 def model_counts(task: TensorTask, models: list[int], epsilon: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(s [N], u [N] int64) of ``ops.ram.model_counts`` summed over the whole tensor."""
-    loops, eps = _loops(), np.float32(epsilon)
+    loops, eps = LOOPS.get(), np.float32(epsilon)
     parts = _parts(task, models)
     found = [(np.zeros(len(models), np.int64), np.zeros(len(models), np.int64)) for _ in parts]
     run_parallel([partial(loops.counts, b, xs, eps, sh, un)
@@ -79,7 +66,7 @@ def model_counts(task: TensorTask, models: list[int], epsilon: float
 def ram_task(task: TensorTask, models: list[int], epsilon: float,
              scales: torch.Tensor | None) -> torch.Tensor:
     """b + ``ops.ram.ram_delta`` (RAM+ with λ ``scales`` [N] float32) in the output dtype."""
-    loops, eps = _loops(), np.float32(epsilon)
+    loops, eps = LOOPS.get(), np.float32(epsilon)
     out = task.empty_output()
     o = fused_cpu.raw(out)
     lam = np.ones(len(models), np.float32) if scales is None else \

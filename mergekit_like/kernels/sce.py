@@ -19,14 +19,13 @@ is no longer a plain sum in row order).
 
 from __future__ import annotations
 
-import threading
-import warnings
-from functools import lru_cache, partial
+from functools import partial
 
 import numpy as np
 import torch
 
 from mergekit_like.kernels import fused_cpu
+from mergekit_like.kernels.lazy_numba import LazyLoops
 from mergekit_like.kernels.breadcrumbs import sample_runs, top_mask
 from mergekit_like.kernels.tiling import run_parallel, spans
 from mergekit_like.ops.sce import DENOM_EPS, WEIGHT_EPS, topk_count
@@ -35,25 +34,13 @@ from mergekit_like.tensor_task import TensorTask
 MAX_MODELS = 4
 
 
-def warm_up() -> None:
-    """Import numba and load the compiled loops on a background thread, so that a merge pays
-    it while its first tensors are being read (``Method.warm_up``)."""
-    threading.Thread(target=_loops, name="sce-loops-warm-up", daemon=True).start()
+def _smoke(loops) -> None:
+    a = np.zeros(4, np.uint16)
+    loops.variance(a, (a,), np.zeros(4, np.float32))
 
 
-@lru_cache(maxsize=1)
-def _loops():
-    """The compiled loops, or None when numba cannot provide them (the torch path runs)."""
-    try:
-        from mergekit_like.kernels import sce_loops
-
-        a = np.zeros(4, np.uint16)
-        sce_loops.variance(a, (a,), np.zeros(4, np.float32))
-    except Exception as exc:  # pragma: no cover - numba is a dependency
-        warnings.warn(f"sce loops unavailable ({type(exc).__name__}: {exc})", RuntimeWarning,
-                      stacklevel=2)
-        return None
-    return sce_loops
+LOOPS = LazyLoops("mergekit_like.kernels.sce_loops", _smoke, "sce loops")
+warm_up = LOOPS.warm_up
 
 
 def supported(task: TensorTask, models: list[int]) -> bool:
@@ -64,7 +51,7 @@ def supported(task: TensorTask, models: list[int]) -> bool:
             and task.inputs_finite and len({x.dtype for x in xs}) == 1
             and task.out_dtype in (torch.bfloat16, torch.float32)
             and fused_cpu.supported(task, [task.base, *xs])
-            and _loops() is not None)
+            and LOOPS.get() is not None)
 
 
 def keep_top(var: torch.Tensor, fraction: float, nonzero: int, workers: int = 1) -> torch.Tensor:
@@ -101,7 +88,7 @@ def weights(squares: torch.Tensor) -> torch.Tensor:
 def sce_task(task: TensorTask, models: list[int], select_topk: float) -> torch.Tensor:
     """``ops.sce.sce(cast(base), [cast(x) for x in models], select_topk=…)`` in the output dtype
     (``supported`` must hold)."""
-    loops = _loops()
+    loops = LOOPS.get()
     raw = fused_cpu.raw
     b, xs = raw(task.base), tuple(raw(task.inputs[pos]) for pos in models)
     parts = spans(task)

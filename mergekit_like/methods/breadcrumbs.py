@@ -18,10 +18,11 @@ import math
 
 import torch
 
+from mergekit_like.kernels import fused_cpu
 from mergekit_like.kernels.tiling import Scratch, pieces
 from mergekit_like.methods.base import MethodSpec, ParamSpec, TensorTask
 from mergekit_like.methods.task_arithmetic import TaskVectorMethod, task_vector_params
-from mergekit_like.kernels.breadcrumbs import band_piece_, band_tops, outlier_keep
+from mergekit_like.kernels.breadcrumbs import band_piece_, band_tops, fused_band, outlier_keep
 from mergekit_like.ops.breadcrumbs import apply_keep_
 from mergekit_like.ops.task_vectors import task_vector
 
@@ -38,8 +39,9 @@ def whole_delta(task: TensorTask, x: torch.Tensor) -> torch.Tensor:
 class OutlierTrim:
     """One model's breadcrumbs band for one tensor: with inputs known finite the two thresholds
     of ``kernels.breadcrumbs.band_tops`` (applied per piece), else the keep mask (flat bool,
-    whole tensor) of ``outlier_keep``. Has no ``fused_sparsifier``: the fused loops never run
-    it (``fused_loops_apply``)."""
+    whole tensor) of ``outlier_keep``. The thresholds' form also runs in the fused loops
+    (``fused_sparsifier``); the mask's does not (it is taken only when some |δ| is not finite,
+    where δ·0 is NaN, whose bf16 spelling the loops do not match)."""
 
     def __init__(self, task: TensorTask, pos: int, density: float,
                  scratch: Scratch | None = None):
@@ -53,6 +55,9 @@ class OutlierTrim:
                 return
         self.keep = outlier_keep(whole_delta(task, task.inputs[pos]), density, gamma,
                                  workers=task.workers)
+
+    def fused_sparsifier(self) -> fused_cpu.Band | None:
+        return None if self.tops is None else fused_band(self.tops)
 
     def apply(self, delta: torch.Tensor, offset: int, scratch: Scratch | None = None) -> None:
         if self.tops is not None:

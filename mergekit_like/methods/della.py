@@ -19,19 +19,21 @@ from dataclasses import replace
 import torch
 
 from mergekit_like.kernels import della as fast
+from mergekit_like.kernels import fused_cpu
 from mergekit_like.kernels.tiling import Scratch
 from mergekit_like.methods.base import MethodSpec, ParamSpec, TensorTask
 from mergekit_like.methods.breadcrumbs import whole_delta
 from mergekit_like.methods.task_arithmetic import TaskVectorMethod, task_vector_params
 from mergekit_like.ops.della import epsilon_problem, magprune_piece_, magprune_ranks, rank_rows
-from mergekit_like.ops.drop import mask_key
+from mergekit_like.ops.drop import l1_factor, mask_key
 
 
 class MagPrune:
     """One model's MAGPRUNE for one tensor: its draw key, d, ε, and either its keep bits (flat
-    bool, ``kernels.della.magprune_keep``, when supported: ``divide`` is always false here) or
-    the flat ranks r_j (int32 when they fit). Has no ``fused_sparsifier``: the fused loops never
-    run it."""
+    bool, ``kernels.della.magprune``, when supported: ``divide`` is always false here; with
+    ``l1``, the "l1" totals ‖δ‖₁, ‖keep⊙δ‖₁ from the same pass) or the flat ranks r_j (int32
+    when they fit). The keep bits also run in the fused loops
+    (``fused_sparsifier``)."""
 
     def __init__(self, task: TensorTask, pos: int, density: float):
         self.key = mask_key(task.seed, task.input_indices[pos], task.name)
@@ -39,14 +41,18 @@ class MagPrune:
         self.epsilon = float(task.model_params[pos]["epsilon"])
         self.divide = False       # rescale is the shared L1 factor (mergekit's rule)
         self.m = rank_rows(task.shape)
-        self.keep = self.ranks = None
+        self.keep = self.ranks = self.l1 = None
         if fast.supported(task):  # the keep bits themselves, bit-equal to the ranks' draw
-            self.keep = fast.magprune_keep(task, task.inputs[pos], self.key, density,
-                                           self.epsilon)
+            made = fast.magprune(task, task.inputs[pos], self.key, density, self.epsilon,
+                                 l1=task.params["rescale"] == "l1")
+            self.keep, self.l1 = made
             return
         delta = whole_delta(task, task.inputs[pos]).view(task.shape)
         ranks = magprune_ranks(delta).reshape(-1)
         self.ranks = ranks.to(torch.int32) if self.m < 2**31 else ranks
+
+    def fused_sparsifier(self) -> fused_cpu.Keep | None:
+        return None if self.keep is None else fused_cpu.Keep(self.keep)
 
     def apply(self, delta: torch.Tensor, offset: int, scratch: Scratch | None = None) -> None:
         if self.keep is not None:
@@ -82,6 +88,13 @@ class _Della(TaskVectorMethod):
 
     def _delta_keeper(self, task: TensorTask) -> torch.Tensor | None:
         return None               # Δ depends on epsilon, which the grid memo key does not hold
+
+    def _l1_factors(self, task, xs, sparsifiers):
+        """The "l1" factors from the totals each ``MagPrune`` summed while it ranked (the same
+        sums as the adapter's own pass, without reading the inputs again), else that pass."""
+        if not all(sp is None or sp.l1 is not None for sp in sparsifiers):
+            return super()._l1_factors(task, xs, sparsifiers)
+        return [None if sp is None else l1_factor(*sp.l1) for sp in sparsifiers]
 
 
 def _params(normalize: bool) -> tuple[ParamSpec, ...]:

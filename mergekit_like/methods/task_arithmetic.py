@@ -36,7 +36,7 @@ class Sparsifier(Protocol):
     """Zeroes the dropped entries of a flat δ piece in place; ``offset`` is its global flat
     index; temporaries come from the caller's ``scratch``. Must not depend on how the tensor
     is cut into pieces, and may be called from several threads at once. ``fused_sparsifier``
-    (optional) gives its form for the fused loops."""
+    (optional) gives its form for the fused loops (None: none for this tensor)."""
 
     def apply(self, delta: torch.Tensor, offset: int, scratch: Scratch | None = None) -> None: ...
 
@@ -72,12 +72,21 @@ def fused_loops_apply(task: TensorTask, xs: list[torch.Tensor], out: torch.Tenso
     * one stored dtype for all models (the loops take them as one homogeneous tuple);
     * ``fused_cpu.supported``: CPU, float32 compute, contiguous bf16/float32 tensors, no load
       rounding, numba available and ``MERGEKIT_LIKE_FUSED`` not 0;
-    * sparsifiers the loops implement (magnitude trim, random drop: ``fused_sparsifier``).
+    * sparsifiers the loops implement (magnitude trim, random drop, a precomputed keep mask, a
+      band: ``fused_form``).
     """
     return (steps.masking is None and task.inputs_finite and min(steps.densities) > 0.0
             and len({x.dtype for x in xs}) == 1
             and fused_cpu.supported(task, [task.base, *xs], out)
-            and all(sp is None or hasattr(sp, "fused_sparsifier") for sp in steps.sparsifiers))
+            and all(sp is None or fused_form(sp) is not None for sp in steps.sparsifiers)
+            and fused_cpu.forms_supported([sp and fused_form(sp) for sp in steps.sparsifiers]))
+
+
+def fused_form(sparsifier: Sparsifier) -> Any:
+    """The sparsifier's form for the fused loops (its ``fused_sparsifier()``), or None when it
+    has none (no such method, or it returns None for this tensor)."""
+    make = getattr(sparsifier, "fused_sparsifier", None)
+    return None if make is None else make()
 
 
 def delta_memo_key(method: "TaskVectorMethod", task: TensorTask, steps: TaskVectorSteps) -> tuple:
@@ -219,7 +228,7 @@ class TaskVectorMethod(Method):
     def _fused_span(self, task: TensorTask, steps: TaskVectorSteps, xs: list[torch.Tensor],
                     out: torch.Tensor, keep: torch.Tensor | None, span: tuple[int, int]) -> None:
         """The same as ``_torch_span`` as one fused CPU loop (see ``fused_loops_apply``)."""
-        trims = [None if sp is None else sp.fused_sparsifier() for sp in steps.sparsifiers]
+        trims = [None if sp is None else fused_form(sp) for sp in steps.sparsifiers]
         fused_cpu.merge_span(out, keep, task.base, xs, span, trims, steps.scales, steps.weights,
                              consensus=self.consensus, normalize=steps.normalize, lam=steps.lam)
 

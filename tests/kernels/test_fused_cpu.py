@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernel_family import BF16, F32, bits, family
 from support.helpers import plan_params
 
 from mergekit_like.kernels import fused_cpu
@@ -23,30 +24,6 @@ from mergekit_like.methods.base import TensorTask
 from mergekit_like.ops import drop
 from mergekit_like.ops.trim import next_float, trim_count
 from mergekit_like.registry import get_method
-
-BF16, F32 = torch.bfloat16, torch.float32
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
-
-
-def family(shape, n_models, seed, dtype=BF16, base_dtype=None, zeros=0.3, scale=0.01):
-    """A base (with some ±0.0 entries) and fine-tunes whose deltas sit on bf16's coarse grid
-    (many exact ties); a share ``zeros`` of each model's entries equals the base exactly."""
-    g = torch.Generator().manual_seed(seed)
-    base = (torch.randn(shape, generator=g) * 0.05).to(base_dtype or dtype)
-    flat = base.view(-1)
-    flat[::97] = 0.0                    # signed zeros in the base make a zero's sign visible
-    flat[1::97] = -0.0
-    xs = []
-    for _ in range(n_models):
-        x = (base.float() + torch.randn(shape, generator=g) * scale).to(dtype)
-        same = torch.rand(shape, generator=g) < zeros
-        x[same] = base[same].to(dtype)
-        xs.append(x)
-    return base, xs
-
 
 def make_task(method, base, xs, model_params, params, *, out_dtype=BF16, workers=1, memo=None,
               finite=True):

@@ -9,33 +9,25 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_family import BF16, F32, bits
+from kernel_family import family as shared_family
 
 from mergekit_like.kernels import ram as fast
 from mergekit_like.methods.base import TensorTask
 from mergekit_like.methods.ram import Ram, RamPlusTL
 from mergekit_like.ops.ram import active, model_counts, ram_delta, unique_scales
 
-BF16, F32 = torch.bfloat16, torch.float32
 EPS = 0.002
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
-
-
 def family(shape, n, seed, dtype=BF16):
-    g = torch.Generator().manual_seed(seed)
-    base = (torch.randn(shape, generator=g) * 0.05).to(dtype)
-    base.view(-1)[::97] = 0.0
-    base.view(-1)[1::97] = -0.0
-    xs = []
-    for i in range(n):
-        x = (base.float() + torch.randn(shape, generator=g) * 0.003).to(dtype)
-        same = torch.rand(shape, generator=g) < 0.2 + 0.2 * i
-        x[same] = base[same]
+    """``kernel_family.family`` with small deltas, 20 % + 20 %·i of model i equal to the base,
+    and every 13th entry changed by exactly ε (both sides of the comparison's rounding)."""
+    base, xs = shared_family(shape, n, seed, dtype, zeros=[0.2 + 0.2 * i for i in range(n)],
+                             scale=0.003)
+    for x in xs:
         flat = x.view(-1)
         flat[5::13] = (base.view(-1)[5::13].float() + torch.tensor(EPS, dtype=F32)).to(dtype)
-        xs.append(x)
     return base, xs
 
 

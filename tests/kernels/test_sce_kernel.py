@@ -9,31 +9,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_family import BF16, F32, bits
+from kernel_family import family as shared_family
 
 from mergekit_like.kernels import sce as fast
 from mergekit_like.kernels.tiling import PIECE
 from mergekit_like.methods.base import TensorTask
 from mergekit_like.ops.sce import sce, sce_weights, variance_keep
 
-BF16, F32 = torch.bfloat16, torch.float32
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
-
-
 def family(shape, n, seed, dtype=BF16):
-    g = torch.Generator().manual_seed(seed)
-    base = (torch.randn(shape, generator=g) * 0.05).to(dtype)
-    base.view(-1)[::97] = 0.0
-    base.view(-1)[1::97] = -0.0
-    xs = []
-    for _ in range(n):
-        x = (base.float() + torch.randn(shape, generator=g) * 0.01).to(dtype)
-        same = torch.rand(shape, generator=g) < 0.3
-        x[same] = base[same]
-        x.view(-1)[:50] = base.view(-1)[:50]          # zero variance: never counted
-        xs.append(x)
+    """``kernel_family.family`` with the first 50 entries equal to the base in every model
+    (zero variance: never counted)."""
+    base, xs = shared_family(shape, n, seed, dtype)
+    for x in xs:
+        x.view(-1)[:50] = base.view(-1)[:50]
     return base, xs
 
 

@@ -123,16 +123,25 @@ def test_identities():
 
 
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
-def test_blocking_threads_and_no_fused_path(method, monkeypatch):
-    monkeypatch.setattr(fused_cpu, "merge_span", lambda *a, **k: pytest.fail("fused path used"))
+def test_blocking_threads_and_both_paths(method, monkeypatch):
+    """The torch path (MERGEKIT_LIKE_FUSED=0) and the fused loops give the same bits for every
+    blocking and thread count; the fused loops really run when on."""
+    calls = []
+    real = fused_cpu.merge_span
+    monkeypatch.setattr(fused_cpu, "merge_span", lambda *a, **k: calls.append(1) or real(*a, **k))
     base, xs = family(3, shape=(37, 29))
     mp = [{"weight": 1.0, "density": 0.6, "gamma": 0.02}, {"weight": 0.5, "density": 0.3},
           {"weight": 0.8, "density": 0.9, "gamma": 0.1}]
     params = {"rescale": True}
+    monkeypatch.setenv("MERGEKIT_LIKE_FUSED", "0")
     big = run(method, base, xs, mp, params)
-    for block_elems, workers in ((29, 1), (29 * 5, 2), (1000, 3)):
-        small = run(method, base, xs, mp, params, block_elems=block_elems, workers=workers)
-        assert torch.equal(small, big)
+    assert not calls
+    for fused in ("0", "1"):
+        monkeypatch.setenv("MERGEKIT_LIKE_FUSED", fused)
+        for block_elems, workers in ((29, 1), (29 * 5, 2), (1000, 3)):
+            small = run(method, base, xs, mp, params, block_elems=block_elems, workers=workers)
+            assert torch.equal(small.view(torch.int32), big.view(torch.int32))
+    assert calls
 
 
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
