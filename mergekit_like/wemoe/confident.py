@@ -1,7 +1,8 @@
 """The confident-expert objective of WEMoE's ``train-router`` (docs/methods/wemoe.md §5.2): the
 default, in place of the paper's entropy minimisation.
 
-For a text x (real positions P) and each task t, route every layer one-hot to t (the oracle a
+For a text x (positions P: those predicting its answer when the data gives one, else every
+real position) and each task t, route every layer one-hot to t (the oracle a
 labelled example would get: the MLPs of fine-tune t, the shared weights as merged) and take
 
     H_t(x) = (1/|P|) Σ_{n∈P} H(softmax(logits_n))        next-token entropy under expert t
@@ -32,7 +33,8 @@ from mergekit_like.runtime.data import pad_batch
 def pseudo_labels(model, dev, seqs: Sequence[list[int]], n_tasks: int, layers: int,
                   batch_size: int, entropy_of) -> torch.Tensor:
     """t*(x) [N] int64 for every text (see the module doc); ``entropy_of(model, ids, mask,
-    routing)`` gives the per-sample mean entropy [B] under forced ``routing`` [L, B, T]."""
+    routing, first)`` gives the per-sample mean entropy [B] under forced ``routing`` [L, B, T]
+    of the batch whose first text is text ``first``."""
     out = []
     for k in range(0, len(seqs), batch_size):
         ids, mask = (t.to(dev) for t in pad_batch(list(seqs[k:k + batch_size]), "right"))
@@ -40,7 +42,7 @@ def pseudo_labels(model, dev, seqs: Sequence[list[int]], n_tasks: int, layers: i
         for t in range(n_tasks):
             routing = torch.zeros(layers, ids.shape[0], n_tasks, device=dev)
             routing[:, :, t] = 1.0
-            per_task.append(entropy_of(model, ids, mask, routing))
+            per_task.append(entropy_of(model, ids, mask, routing, k))
         out.append(torch.stack(per_task, dim=1).argmin(dim=1).cpu())
     return torch.cat(out)
 

@@ -142,14 +142,15 @@ def _fit(loaded, routers: dict, examples: list[Example], val: list[Example] | No
 
     torch.manual_seed(settings.seed)
     model, dev = loaded.model, loaded.device
-    train = [ex.input_ids for ex in examples]
+    train = [ex.sequence for ex in examples]
+    answers = [ex.answer_ids or [] for ex in examples]
     probe = train[:PROBE_EXAMPLES]
     start = mean_entropy(model, dev, probe, settings.batch_size)
     best = (evaluate_perplexity(loaded, val, EVAL_BATCH), 0, _snapshot(routers)) if val else None
     evals = [(0, best[0].perplexity, best[0].entropy)] if val else []
     optimizer = torch.optim.Adam(list(routers.values()), lr=settings.lr)
     stream = batch_stream([ex.task for ex in examples], settings.batch_size, settings.seed)
-    targets, counts = _targets(model, dev, train, settings)
+    targets, counts = _targets(model, dev, train, settings, answers)
     with Progress(TextColumn("[bold]train-router"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("entropy {task.fields[loss]}"), console=console,
                   disable=quiet) as bar:
@@ -176,16 +177,19 @@ def _fit(loaded, routers: dict, examples: list[Example], val: list[Example] | No
                             evals=evals, objective=settings.objective, pseudo_labels=counts)
 
 
-def _targets(model, dev, train, settings: WemoeTrainSettings
+def _targets(model, dev, train, settings: WemoeTrainSettings, answers: list[list[int]]
              ) -> tuple[torch.Tensor | None, dict[str, int]]:
-    """The confident objective's t* of every training text (None for the entropy objective)."""
+    """The confident objective's t* of every training text (None for the entropy objective);
+    a text with an answer is judged on the positions that predict its answer."""
     if settings.objective != "confident":
         return None, {}
     mlps = model.wemoe_mlps()
     tasks = list(model.config.wemoe["tasks"])
+    lengths = [len(a) for a in answers]
     labels = pseudo_labels(model, dev, train, len(tasks), len(mlps), settings.batch_size,
-                           lambda m, ids, mask, routing: sample_entropy(m, ids, mask,
-                                                                        routing=routing))
+                           lambda m, ids, mask, routing, first: sample_entropy(
+                               m, ids, mask, routing=routing,
+                               score=_answer_positions(mask, lengths[first:first + len(ids)])))
     return labels.to(dev), label_counts(labels, tasks)
 
 
@@ -208,9 +212,21 @@ def _step(model, dev, train, stream, optimizer, grad_accum: int,
     return total
 
 
+def _answer_positions(mask: torch.Tensor, answer_lengths: list[int]) -> torch.Tensor:
+    """[B, N] mask of the positions whose next token is an answer token (the last real
+    positions but one); every real position for a text without an answer."""
+    score = mask.clone()
+    n_real = mask.sum(dim=1).tolist()
+    for b, (n, k) in enumerate(zip(n_real, answer_lengths)):
+        if 0 < k < n:
+            score[b] = 0
+            score[b, n - 1 - k:n - 1] = 1
+    return score
+
+
 def sample_entropy(model, ids: torch.Tensor, mask: torch.Tensor,
-                   chunk: int = ENTROPY_CHUNK, routing: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+                   chunk: int = ENTROPY_CHUNK, routing: torch.Tensor | None = None,
+                   score: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample mean next-token entropy [B] float32 over the real positions of ids, mask [B, N].
 
     Only real positions are gathered from the logits [B, N, V], ``chunk`` at a time; under
@@ -220,7 +236,8 @@ def sample_entropy(model, ids: torch.Tensor, mask: torch.Tensor,
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False,
                    wemoe_routing=routing).logits  # [B, N, V]; routing [L, B, T] forces r
     flat = logits.reshape(-1, logits.shape[-1])
-    rows = mask.reshape(-1).nonzero().squeeze(1)               # flat indices of real positions
+    score = mask if score is None else score                   # the positions averaged over
+    rows = score.reshape(-1).nonzero().squeeze(1)              # flat indices of those positions
     sums = torch.zeros(ids.shape[0], dtype=torch.float32, device=logits.device)
     for k in range(0, len(rows), chunk):
         part = rows[k:k + chunk]
@@ -229,7 +246,7 @@ def sample_entropy(model, ids: torch.Tensor, mask: torch.Tensor,
         else:
             h = _entropy_rows(flat, part)
         sums = sums.index_add(0, part // ids.shape[1], h)
-    return sums / mask.sum(dim=1).to(sums.dtype)
+    return sums / score.sum(dim=1).clamp(min=1).to(sums.dtype)
 
 
 def _entropy_rows(flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -375,7 +392,12 @@ def _wemoe_config(root: Path) -> dict:
 def _read(path: Path, tokenizer, max_length: int) -> list[Example]:
     """Examples of ``path`` with their scored tokens (input + answer) cut to ``max_length``."""
     examples = read_examples(path, tokenizer)
-    return [Example(ex.sequence[:max_length], None, ex.task) for ex in examples]
+    out = []
+    for ex in examples:   # the scored tokens cut to max_length; the answer's share kept
+        seq = ex.sequence[:max_length]
+        prompt = min(len(ex.input_ids), len(seq))
+        out.append(Example(seq[:prompt], seq[prompt:] or None, ex.task))
+    return out
 
 
 def _eval_line(step: int, ppl: float, entropy: float) -> str:

@@ -3,9 +3,10 @@
 Layout of a zoo folder (all paths in the manifest are relative to it)::
 
     zoo.json                         manifest: settings, their hash, tasks, files, build time
-    data/<task>/<split>.jsonl        pretrain / train / validation / test examples
-    models/base/                     trained on the pretrain splits of every task
-    models/<task>/                   the base fine-tuned on <task>'s train split
+    data/<task>/<split>.jsonl        instruct (skill tasks) / train / validation / test / pretrain
+    models/base/                     trained on the base mixture: every pretrain and instruct split
+    models/<task>/                   the base fine-tuned on <task>'s train split (with replay of
+                                     the base mixture)
 
 A zoo is built in a sibling ``<out>.partial`` folder and renamed into place when complete, so an
 interrupted build never leaves a zoo that looks complete. ``build_zoo`` returns at once when
@@ -34,7 +35,7 @@ from mergekit_like.zoo.settings import ZooSettings
 from mergekit_like.zoo.train import build_model, save_model, single_thread, train
 
 MANIFEST = "zoo.json"
-ZOO_FORMAT = 1  # bump when the layout or the training code changes what a setting produces
+ZOO_FORMAT = 2  # bump when the layout or the training code changes what a setting produces
 Log = Callable[[str], None]
 
 
@@ -43,7 +44,8 @@ def settings_hash(settings: ZooSettings) -> str:
     mean the same zoo (up to floating-point differences between machines)."""
     task_def = {"tokens": T.TOKENS, "skill_length": T.SKILL_LENGTH, "chain_steps": T.CHAIN_STEPS,
                 "chain_ops": T.CHAIN_OPS, "cipher_length": T.CIPHER_LENGTH,
-                "cipher_table": T.CIPHER_TABLE, "tasks": T.ALL_TASKS}
+                "cipher_table": T.CIPHER_TABLE, "tasks": T.ALL_TASKS,
+                "instruct_length": T.INSTRUCT_LENGTH, "instruct_tasks": T.INSTRUCT_TASKS}
     blob = json.dumps({"format": ZOO_FORMAT, "settings": settings.to_json(), "tasks": task_def},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -130,10 +132,19 @@ def _write_splits(root: Path, settings: ZooSettings) -> dict[str, dict[str, str]
     return out
 
 
-def _finetune_job(root: str, base_rel: str, task: str, train_rel: str, settings: ZooSettings,
-                  index: int) -> tuple[str, float, float]:
-    """Fine-tune the saved base on one task's train split and save it (runs in a worker process
-    or in the caller). Returns (task, final training loss, seconds)."""
+def base_mixture(root: Path, split_files: dict[str, dict[str, str]]) -> list[T.TaskExample]:
+    """The base's training data: every task's pretrain split, then the skill tasks' instruct
+    splits (the fine-tunes replay it)."""
+    names = (T.PRETRAIN_SPLIT, T.INSTRUCT_SPLIT)
+    return [e for split in names for task in T.ALL_TASKS if split in split_files[task]
+            for e in read_task_examples(root / split_files[task][split])]
+
+
+def _finetune_job(root: str, base_rel: str, task: str, split_files: dict[str, dict[str, str]],
+                  settings: ZooSettings, index: int) -> tuple[str, float, float]:
+    """Fine-tune the saved base on one task's train split, replaying the base mixture, and save
+    it (runs in a worker process or in the caller). Returns (task, final training loss,
+    seconds)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -143,7 +154,9 @@ def _finetune_job(root: str, base_rel: str, task: str, train_rel: str, settings:
     with single_thread():
         model = AutoModelForCausalLM.from_pretrained(rootp / base_rel, dtype=torch.float32)
         cfg = dataclasses.replace(settings.finetune_config(task), seed=settings.seed + index + 1)
-        losses = train(model, read_task_examples(rootp / train_rel), cfg)
+        own = read_task_examples(rootp / split_files[task]["train"])
+        replay = base_mixture(rootp, split_files) if cfg.replay else []
+        losses = train(model, own, cfg, replay=replay)
         save_model(model, rootp / "models" / task)
     return task, losses[-1], time.perf_counter() - start
 
@@ -152,8 +165,7 @@ def _build(root: Path, settings: ZooSettings, jobs: int, log: Log) -> dict:
     start = time.perf_counter()
     split_files = _write_splits(root, settings)
     log(f"wrote the splits of {len(split_files)} tasks ({time.perf_counter() - start:.1f} s)")
-    mixture = [e for task in T.ALL_TASKS
-               for e in read_task_examples(root / split_files[task][T.PRETRAIN_SPLIT])]
+    mixture = base_mixture(root, split_files)
     t0 = time.perf_counter()
     with single_thread():
         base = build_model(settings.shape, settings.seed)
@@ -161,7 +173,7 @@ def _build(root: Path, settings: ZooSettings, jobs: int, log: Log) -> dict:
         save_model(base, root / "models" / "base")
     log(f"base trained ({settings.base.steps} steps, final loss {base_losses[-1]:.3f}, "
         f"{time.perf_counter() - t0:.1f} s)")
-    args = [(str(root), "models/base", task, split_files[task]["train"], settings, i)
+    args = [(str(root), "models/base", task, split_files, settings, i)
             for i, task in enumerate(T.ALL_TASKS)]
     results = {}
     if jobs > 1:

@@ -14,18 +14,26 @@ import torch
 from mergekit_like.zoo.build import Zoo
 from mergekit_like.zoo.quality_methods import RecipeMethod, run_merge_cli
 
-ROUTER_STEPS = 200
+ROUTER_STEPS = (100, 300)
+ROUTER_LR = 1e-2
+LAMBDAS = (0.3, 0.7)
 
 
 @dataclass(frozen=True)
 class WEMoERow(RecipeMethod):
-    """``trained``: train the routers in ``build`` on the validation texts (prompt + answer as
-    one text, the task label dropped)."""
+    """``trained``: train the routers in ``build`` on the validation texts (prompt and answer,
+    the task label dropped), ``router_steps`` steps at ``ROUTER_LR``."""
 
     trained: bool = False
     oracle: bool = False
     """Route every example one-hot to its own task (``fix_routing``): the ceiling a router can
     reach; tasks outside the merge keep the untrained routing."""
+
+    def recipe(self, zoo: Zoo, merged_tasks: Sequence[str], params: dict[str, Any],
+               out: Path | None = None) -> dict:
+        """The wemoe recipe; ``router_steps`` is train-router's, not the merge's."""
+        merge = {k: v for k, v in params.items() if k != "router_steps"}
+        return super().recipe(zoo, merged_tasks, merge, out)
 
     def build(self, zoo: Zoo, merged_tasks: Sequence[str], params: dict[str, Any],
               out: Path) -> Path:
@@ -36,10 +44,12 @@ class WEMoERow(RecipeMethod):
             for t in merged_tasks:
                 for line in zoo.split(t, "validation").read_text().splitlines():
                     rec = json.loads(line)
-                    lines.append(json.dumps({"input_ids": rec["input_ids"] + rec["answer"]}))
+                    lines.append(json.dumps({"input_ids": rec["input_ids"],
+                                             "answer": rec["answer"]}))  # no task label
             data.write_text("\n".join(lines) + "\n")
-            run_merge_cli(["train-router", out, "--data", data, "--steps", ROUTER_STEPS, "-q"],
-                          f"train-router on {out}")
+            steps = params.get("router_steps", ROUTER_STEPS[0])
+            run_merge_cli(["train-router", out, "--data", data, "--steps", steps, "--lr",
+                           ROUTER_LR, "-q"], f"train-router on {out}")
         return out
 
     def accuracy(self, folder: Path, examples: list, device: str,
@@ -64,9 +74,9 @@ class WEMoERow(RecipeMethod):
 
 
 WEMOE_ROWS = [
-    WEMoERow("wemoe (untrained)", "wemoe", {}, sweep={"lambda": (0.3,)}, named=True),
-    WEMoERow("wemoe (oracle routing)", "wemoe", {}, sweep={"lambda": (0.3,)}, named=True,
+    WEMoERow("wemoe (untrained)", "wemoe", {}, sweep={"lambda": LAMBDAS}, named=True),
+    WEMoERow("wemoe (oracle routing)", "wemoe", {}, sweep={"lambda": LAMBDAS}, named=True,
              oracle=True),
-    WEMoERow("wemoe (train-router)", "wemoe", {}, sweep={"lambda": (0.3,)}, named=True,
-             trained=True),
+    WEMoERow("wemoe (train-router)", "wemoe", {},
+             sweep={"lambda": LAMBDAS, "router_steps": ROUTER_STEPS}, named=True, trained=True),
 ]

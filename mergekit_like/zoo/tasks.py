@@ -17,16 +17,19 @@ Tasks (kind in parentheses):
 
 Each task has two markers: ``<task>`` (the instruction the fine-tunes and every evaluation split
 use) and ``<pre:task>`` (used only by the ``pretrain`` split the zoo's base model is trained on).
-The base thus learns the skills under other prompts, as a pretrained model does, but not the
-instructions; a fine-tune has to learn its task's instruction. Splits come from disjoint seeds and
-are deduplicated by body (the prompt without its marker): no two splits of a task share a body.
+The base learns the skills under those other prompts, as a pretrained model does, and sees the
+instructions only in a small ``instruct`` split of the skill tasks whose bodies are all short
+(``INSTRUCT_LENGTH``: 2 symbols; evaluation bodies have 2–4): like a capable base model it then
+partly follows the skill instructions (how far it carries them to longer bodies varies by task and
+seed), and a fine-tune still has its task's instruction to master. Splits come from disjoint seeds and are deduplicated by
+body (the prompt without its marker): no two splits of a task share a body.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 DIGITS = tuple(str(d) for d in range(10))
 LETTERS = tuple("abcdefgh")
@@ -41,6 +44,8 @@ ALL_TASKS = SKILL_TASKS + REASONING_TASKS + DOMAIN_TASKS
 TASK_KIND = {**{t: "skill" for t in SKILL_TASKS}, **{t: "reasoning" for t in REASONING_TASKS},
              **{t: "domain" for t in DOMAIN_TASKS}}
 PRETRAIN_SPLIT = "pretrain"  # the split drawn with the ``<pre:task>`` markers
+INSTRUCT_SPLIT = "instruct"  # the base's few instruction examples (skill tasks, short bodies)
+INSTRUCT_TASKS = SKILL_TASKS
 
 TOKENS: tuple[str, ...] = (SPECIALS + SYMBOLS + OPERATORS + tuple(f"<{t}>" for t in ALL_TASKS)
                            + tuple(f"<pre:{t}>" for t in ALL_TASKS))
@@ -49,6 +54,7 @@ VOCAB_SIZE = len(TOKENS)
 PAD_ID, BOS_ID, EOS_ID, SEP_ID = (TOKEN_ID[t] for t in SPECIALS)
 
 SKILL_LENGTH = (2, 4)   # symbols per skill-task body (inclusive range)
+INSTRUCT_LENGTH = (2, 2)  # the skill-task body lengths of the ``instruct`` split
 CHAIN_STEPS = 3
 CHAIN_OPS = "+-"
 CIPHER_LENGTH = (3, 6)
@@ -90,27 +96,30 @@ def _symbols(rng: random.Random, pool: tuple[str, ...], length: tuple[int, int])
     return [rng.choice(pool) for _ in range(rng.randint(*length))]
 
 
-def _copy(rng: random.Random) -> tuple[list[str], list[str]]:
-    s = _symbols(rng, SYMBOLS, SKILL_LENGTH)
+Length = Optional[tuple[int, int]]  # a skill body's length range; None: SKILL_LENGTH
+
+
+def _copy(rng: random.Random, length: Length = None) -> tuple[list[str], list[str]]:
+    s = _symbols(rng, SYMBOLS, length or SKILL_LENGTH)
     return s, list(s)
 
 
-def _reverse(rng: random.Random) -> tuple[list[str], list[str]]:
-    s = _symbols(rng, SYMBOLS, SKILL_LENGTH)
+def _reverse(rng: random.Random, length: Length = None) -> tuple[list[str], list[str]]:
+    s = _symbols(rng, SYMBOLS, length or SKILL_LENGTH)
     return s, s[::-1]
 
 
-def _sort(rng: random.Random) -> tuple[list[str], list[str]]:
-    s = _symbols(rng, DIGITS, SKILL_LENGTH)
+def _sort(rng: random.Random, length: Length = None) -> tuple[list[str], list[str]]:
+    s = _symbols(rng, DIGITS, length or SKILL_LENGTH)
     return s, sorted(s)
 
 
-def _increment(rng: random.Random) -> tuple[list[str], list[str]]:
-    s = _symbols(rng, DIGITS, SKILL_LENGTH)
+def _increment(rng: random.Random, length: Length = None) -> tuple[list[str], list[str]]:
+    s = _symbols(rng, DIGITS, length or SKILL_LENGTH)
     return s, [str((int(c) + 1) % 10) for c in s]
 
 
-def _chain(rng: random.Random) -> tuple[list[str], list[str]]:
+def _chain(rng: random.Random, length: Length = None) -> tuple[list[str], list[str]]:
     value = rng.randint(0, 9)
     body, steps = [str(value)], []
     for _ in range(CHAIN_STEPS):
@@ -121,22 +130,25 @@ def _chain(rng: random.Random) -> tuple[list[str], list[str]]:
     return body, steps
 
 
-def _cipher(rng: random.Random) -> tuple[list[str], list[str]]:
+def _cipher(rng: random.Random, length: Length = None) -> tuple[list[str], list[str]]:
     s = _symbols(rng, LETTERS, CIPHER_LENGTH)
     body = [tok for c in s for tok in (c, ",")][:-1]
     return body, [CIPHER_TABLE[c] for c in s]
 
 
-GENERATORS: dict[str, Callable[[random.Random], tuple[list[str], list[str]]]] = {
+# (rng, skill body length range or None) -> (body, answer); chain and cipher ignore the length
+GENERATORS: dict[str, Callable[..., tuple[list[str], list[str]]]] = {
     "copy": _copy, "reverse": _reverse, "sort": _sort, "increment": _increment,
     "chain": _chain, "cipher": _cipher,
 }
 assert set(GENERATORS) == set(ALL_TASKS)
 
 
-def make_example(task: str, rng: random.Random, pretrain: bool = False) -> TaskExample:
-    """One example of ``task`` drawn from ``rng``; marker ``<pre:task>`` if ``pretrain``."""
-    body, answer = GENERATORS[task](rng)
+def make_example(task: str, rng: random.Random, pretrain: bool = False,
+                 length: tuple[int, int] | None = None) -> TaskExample:
+    """One example of ``task`` drawn from ``rng``; marker ``<pre:task>`` if ``pretrain``;
+    ``length``: a skill body's length range (default ``SKILL_LENGTH``)."""
+    body, answer = GENERATORS[task](rng, length)
     marker = f"<pre:{task}>" if pretrain else f"<{task}>"
     prompt = [TOKENS[BOS_ID], marker, *body, TOKENS[SEP_ID]]
     return TaskExample(task, tuple(encode(prompt)), tuple(encode(answer)))
@@ -149,14 +161,15 @@ def split_rng(task: str, split: str, seed: int) -> random.Random:
 
 
 def draw_unique(task: str, n: int, rng: random.Random, exclude: set[tuple[int, ...]],
-                pretrain: bool = False, max_tries_per_example: int = 50) -> list[TaskExample]:
+                pretrain: bool = False, max_tries_per_example: int = 50,
+                length: tuple[int, int] | None = None) -> list[TaskExample]:
     """``n`` examples with distinct bodies, none in ``exclude`` (a set of bodies, updated with
     the drawn ones). Raises ValueError when the task has too few distinct bodies left."""
     out: list[TaskExample] = []
     for _ in range(n * max_tries_per_example):
         if len(out) == n:
             break
-        ex = make_example(task, rng, pretrain)
+        ex = make_example(task, rng, pretrain, length)
         if ex.body not in exclude:
             exclude.add(ex.body)
             out.append(ex)
@@ -165,17 +178,25 @@ def draw_unique(task: str, n: int, rng: random.Random, exclude: set[tuple[int, .
     return out
 
 
+def task_splits(task: str, split_names) -> list[str]:
+    """The splits ``task`` has among ``split_names``: all of them, except ``instruct`` outside
+    ``INSTRUCT_TASKS``."""
+    return [s for s in split_names if s != INSTRUCT_SPLIT or task in INSTRUCT_TASKS]
+
+
 def make_splits(task: str, sizes: dict[str, int], seed: int) -> dict[str, list[TaskExample]]:
-    """Splits of one task, e.g. ``{"train": 2000, "validation": 200, "test": 200,
-    "pretrain": 2000}``, each drawn from its own seed.
+    """Splits of one task, e.g. ``{"instruct": 40, "train": 2000, "validation": 200,
+    "test": 300, "pretrain": 2000}``, each drawn from its own seed.
 
     Drawn in the order of ``sizes``, each excluding every body of the splits before it, so the
     splits are pairwise disjoint by body (hence by prompt). The ``pretrain`` split carries the
-    ``<pre:task>`` marker. Where a length has few distinct bodies, the first split takes them
-    all: ``sort`` has 100 two-digit bodies, so with 2000 train examples the later splits hold
-    three- and four-digit bodies only.
+    ``<pre:task>`` marker; the ``instruct`` split (skill tasks only, see ``task_splits``) has
+    bodies of ``INSTRUCT_LENGTH``. Where a length has few distinct bodies, the first splits take
+    them all: ``sort`` has 100 two-digit bodies, so with 40 instruct and 2000 train examples the
+    later splits hold three- and four-digit bodies only.
     """
     seen: set[tuple[int, ...]] = set()
-    return {split: draw_unique(task, n, split_rng(task, split, seed), seen,
-                               pretrain=split == PRETRAIN_SPLIT)
-            for split, n in sizes.items()}
+    return {split: draw_unique(task, sizes[split], split_rng(task, split, seed), seen,
+                               pretrain=split == PRETRAIN_SPLIT,
+                               length=INSTRUCT_LENGTH if split == INSTRUCT_SPLIT else None)
+            for split in task_splits(task, sizes)}

@@ -34,7 +34,9 @@ class ModelShape:
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run: ``steps`` AdamW updates of ``batch_size`` examples, linear warm-up over
-    the first ``warmup`` fraction, then cosine decay to ``final_lr_frac`` × ``lr``."""
+    the first ``warmup`` fraction, then cosine decay to ``final_lr_frac`` × ``lr``. ``replay``:
+    the fraction of every batch drawn from a second pool (a fine-tune's "replay" of the data its
+    base was trained on), the rest from the run's own examples."""
 
     steps: int
     lr: float = 3e-3
@@ -42,6 +44,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup: float = 0.05
     final_lr_frac: float = 0.1
+    replay: float = 0.0
     seed: int = 0
 
 
@@ -99,11 +102,20 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model, examples: Sequence[TaskExample], cfg: TrainConfig) -> list[float]:
-    """Train ``model`` in place on ``examples`` (sampled uniformly with replacement); returns the
-    loss of every step. Right padding needs no attention mask: the model is causal, so padding
-    after a row's answer never influences its loss."""
-    ids, labels = encode_batch(examples)
+def replay_rows(cfg: TrainConfig, n_replay_pool: int) -> int:
+    """How many rows of each batch come from the replay pool (none without a pool)."""
+    return round(cfg.batch_size * cfg.replay) if n_replay_pool else 0
+
+
+def train(model, examples: Sequence[TaskExample], cfg: TrainConfig,
+          replay: Sequence[TaskExample] = ()) -> list[float]:
+    """Train ``model`` in place on ``examples`` (sampled uniformly with replacement) and, for a
+    ``cfg.replay`` share of every batch, on ``replay`` (likewise); returns the loss of every step.
+    Right padding needs no attention mask: the model is causal, so padding after a row's answer
+    never influences its loss."""
+    ids, labels = encode_batch(list(examples) + list(replay))
+    n_own, n_replay = len(examples), len(replay)
+    k = replay_rows(cfg, n_replay)
     gen = torch.Generator().manual_seed(cfg.seed)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -114,7 +126,9 @@ def train(model, examples: Sequence[TaskExample], cfg: TrainConfig) -> list[floa
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        rows = torch.randint(len(examples), (cfg.batch_size,), generator=gen)
+        rows = torch.randint(n_own, (cfg.batch_size - k,), generator=gen)
+        if k:
+            rows = torch.cat([rows, n_own + torch.randint(n_replay, (k,), generator=gen)])
         batch_ids, batch_labels = ids[rows], labels[rows]
         keep = int((batch_labels != IGNORE_INDEX).any(0).nonzero().max()) + 1  # trim the padding
         loss = model(input_ids=batch_ids[:, :keep], labels=batch_labels[:, :keep]).loss

@@ -1,5 +1,6 @@
-"""The merge-quality zoo: task generators, splits, training helpers, the built FAST zoo (every
-fine-tune clearly ahead of the base on its own task), the manifest and its cache."""
+"""The merge-quality zoo: task generators, splits, training helpers (replay included), the built
+FAST zoo (a base that partly follows the skill instructions, every fine-tune clearly ahead of it on
+its own task while keeping most of the rest), the manifest and its cache."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ from mergekit_like.zoo import FAST, build_zoo, load_manifest, settings_hash
 from mergekit_like.zoo import tasks as T
 from mergekit_like.zoo.build import read_task_examples
 from mergekit_like.zoo.train import (IGNORE_INDEX, ModelShape, TrainConfig, build_model,
-                                     encode_batch, lr_at, train)
+                                     encode_batch, lr_at, replay_rows, train)
 
 MARGIN = 0.20  # accuracy points a fine-tune must gain over the base on its own task
-SIZES = {"train": 300, "validation": 50, "test": 50, "pretrain": 300}
+SIZES = {"instruct": 30, "train": 300, "validation": 50, "test": 50, "pretrain": 300}
 
 
 def reference_answer(task: str, body: list[str]) -> list[str]:
@@ -78,15 +79,28 @@ def test_splits_are_deterministic_disjoint_and_sized(task):
     first = T.make_splits(task, SIZES, seed=3)
     assert first == T.make_splits(task, SIZES, seed=3)
     assert first["train"] != T.make_splits(task, SIZES, seed=4)["train"]
-    assert {s: len(v) for s, v in first.items()} == SIZES
+    expected = {s: n for s, n in SIZES.items() if s != "instruct" or T.TASK_KIND[task] == "skill"}
+    assert {s: len(v) for s, v in first.items()} == expected
     for split, examples in first.items():
         assert len(bodies(examples)) == len(examples), f"duplicate body in {split}"
-    names = list(SIZES)
+    names = list(first)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             assert not bodies(first[a]) & bodies(first[b]), f"{task}: {a} and {b} overlap"
     assert all(T.decode(list(e.input_ids))[1] == f"<pre:{task}>" for e in first["pretrain"])
     assert all(T.decode(list(e.input_ids))[1] == f"<{task}>" for e in first["test"])
+
+
+@pytest.mark.parametrize("task", T.SKILL_TASKS)
+def test_instruct_split_is_short_instructions_with_right_answers(task):
+    instruct = T.make_splits(task, SIZES, seed=3)["instruct"]
+    low, high = T.INSTRUCT_LENGTH
+    for ex in instruct:
+        tokens = T.decode(list(ex.input_ids))
+        assert tokens[1] == f"<{task}>" and low <= len(tokens) - 3 <= high
+        assert T.decode(list(ex.answer)) == reference_answer(task, tokens[2:-1])
+    lengths = {len(e.body) - 1 for e in T.make_splits(task, SIZES, seed=3)["test"]}
+    assert max(lengths) > high  # the evaluation splits hold longer bodies than the base's
 
 
 def test_too_small_a_task_space_is_an_error(monkeypatch):
@@ -129,6 +143,25 @@ def test_training_is_deterministic_and_lowers_the_loss():
     assert sum(runs[0][0][-5:]) < sum(runs[0][0][:5])
 
 
+def test_replay_draws_its_share_of_each_batch_from_the_pool():
+    own = T.make_splits("copy", {"train": 64}, seed=0)["train"]
+    pool = T.make_splits("sort", {"train": 64}, seed=0)["train"]
+    shape = ModelShape(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2)
+    cfg = TrainConfig(steps=10, lr=1e-2, batch_size=16)
+    assert replay_rows(dataclasses.replace(cfg, replay=0.25), 64) == 4
+    assert replay_rows(dataclasses.replace(cfg, replay=0.25), 0) == 0
+
+    def losses(examples, config, replay=()):
+        return train(build_model(shape, seed=1), examples, config, replay=replay)
+
+    plain = losses(own, cfg)
+    assert losses(own, cfg, replay=pool) == plain  # replay 0: the pool is never drawn
+    # replay 1: every row comes from the pool, as if it were the training set
+    assert losses(own, dataclasses.replace(cfg, replay=1.0), replay=pool) == losses(pool, cfg)
+    assert losses(own, dataclasses.replace(cfg, replay=0.5), replay=pool) != plain
+
+
 # ---- the built fast zoo --------------------------------------------------------------------
 
 def test_manifest_names_every_file_and_the_settings_hash(fast_zoo):
@@ -140,15 +173,17 @@ def test_manifest_names_every_file_and_the_settings_hash(fast_zoo):
     assert manifest["vocab"] == list(T.TOKENS)
     for task in T.ALL_TASKS:
         assert (fast_zoo.model(task) / "model.safetensors").is_file()
-        assert set(manifest["tasks"][task]["splits"]) == {s for s, _ in FAST.split_sizes}
+        splits = {s for s, _ in FAST.split_sizes} - ({"instruct"} if task in ("chain", "cipher")
+                                                     else set())
+        assert set(manifest["tasks"][task]["splits"]) == splits
 
 
 def test_zoo_split_files_are_disjoint_and_held_out(fast_zoo):
-    sizes = dict(FAST.split_sizes)
     for task in T.ALL_TASKS:
+        sizes = {s: n for s, n in FAST.split_sizes if s in T.task_splits(task, [s])}
         split = {s: read_task_examples(fast_zoo.split(task, s)) for s in sizes}
         assert {s: len(v) for s, v in split.items()} == sizes
-        for other in ("train", "validation", "pretrain"):
+        for other in set(sizes) - {"test"}:
             assert not bodies(split["test"]) & bodies(split[other]), f"{task}: test in {other}"
         assert not bodies(split["validation"]) & bodies(split["train"])
 
@@ -205,3 +240,71 @@ def test_split_files_run_through_the_eval_command(fast_zoo, capsys):
     code, out, _ = run_cli(["eval", fast_zoo.model("increment"), "--data", data, "--metric", "acc",
                             "-q", "--device", "cpu"], capsys)
     assert code == 0 and f"{expected:.4f}" in out and "increment" in out
+
+
+# ---- the fast zoo looks like fine-tunes of a capable base ------------------------------------
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+@pytest.fixture(scope="module")
+def matrix(fast_zoo):
+    from mergekit_like.zoo.matrix import accuracy_matrix
+
+    return accuracy_matrix([fast_zoo])
+
+
+def test_matrix_has_the_base_and_every_fine_tune_on_every_task(matrix, fast_zoo):
+    from mergekit_like.runtime import evaluate_accuracy, load_model, read_examples
+    from mergekit_like.zoo.matrix import format_matrix
+
+    assert list(matrix) == ["base", *T.ALL_TASKS]
+    assert all(list(row) == list(T.ALL_TASKS) for row in matrix.values())
+    own = read_examples(fast_zoo.split("sort", "test"))
+    direct = evaluate_accuracy(load_model(fast_zoo.model("sort"), device="cpu"), own)["sort"]
+    assert matrix["sort"]["sort"] == pytest.approx(direct)
+    lines = format_matrix(matrix, T.ALL_TASKS).splitlines()
+    assert lines[0] == "| model | " + " | ".join(T.ALL_TASKS) + " | avg others |"
+    others = mean(v for t, v in matrix["copy"].items() if t != "copy")
+    assert lines[3] == ("| fine-tune: copy | " + " | ".join(f"{v:.2f}" for v in
+                        matrix["copy"].values()) + f" | {others:.2f} |")
+
+
+def test_the_base_partly_follows_the_skill_instructions(matrix):
+    skills = mean(matrix["base"][t] for t in T.SKILL_TASKS)
+    assert 0.15 <= skills <= 0.75, f"base skill accuracy {skills:.2f}"
+    assert all(matrix[t][t] >= 0.8 for t in T.SKILL_TASKS), matrix  # FULL: >= 0.95
+
+
+def test_skill_fine_tunes_keep_most_of_the_base_on_the_other_skills(matrix):
+    for task in T.SKILL_TASKS:
+        others = [t for t in T.SKILL_TASKS if t != task]
+        kept, base = mean(matrix[task][t] for t in others), mean(matrix["base"][t] for t in others)
+        assert kept >= 0.7 * base, f"{task}: {kept:.2f} on the other skills, base {base:.2f}"
+
+
+def test_reasoning_plus_domain_vector_keeps_part_of_both(fast_zoo, tmp_path):
+    """θ_chain + δ_cipher (task arithmetic with the reasoning model as the start) keeps most of
+    the reasoning fine-tune's chain accuracy and adds domain accuracy to it."""
+    from safetensors.torch import load_file, save_file
+
+    from mergekit_like.runtime import evaluate_accuracy, load_model, read_examples
+
+    def weights(folder):
+        return load_file(str(folder / "model.safetensors"))
+
+    base, chain, cipher = (weights(f) for f in (fast_zoo.base, fast_zoo.model("chain"),
+                                                fast_zoo.model("cipher")))
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "config.json").write_text((fast_zoo.base / "config.json").read_text())
+    save_file({k: chain[k] + cipher[k] - base[k] for k in base}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    test = [e for t in ("chain", "cipher") for e in read_examples(fast_zoo.split(t, "test"))]
+    merged = evaluate_accuracy(load_model(out, device="cpu"), test, batch_size=64)
+    start = evaluate_accuracy(load_model(fast_zoo.model("chain"), device="cpu"), test,
+                              batch_size=64)
+    assert merged["chain"] >= 0.75 * start["chain"] and start["chain"] >= 0.8, (merged, start)
+    assert merged["cipher"] >= start["cipher"] + 0.15, (merged, start)
