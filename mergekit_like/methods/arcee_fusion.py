@@ -7,6 +7,11 @@ compute-dtype tensor of the full shape, whose exact quartiles give τ (``fusion_
 ``kernels/arcee_fusion.py`` selects them by one bracketed selection, the same value).
 Pass 2 reloads a and b per block and applies ``fuse``. A 0-d or 1-d tensor is one softmax row
 and is done whole. A tensor only the base has is the base's, copied.
+
+On CPU (``kernels.arcee_fusion.supported``) both passes are ``kernels.arcee_fusion.
+fused_passes``: torch's softmax / log / KL row sums, |b − a|·KL and the whole of pass 2 as
+compiled loops over the stored bytes, the same bits. ``MERGEKIT_LIKE_FUSED=0`` takes the
+torch path below.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import torch
 
 from mergekit_like.kernels.tiling import copy_of, other_of_pair
 from mergekit_like.methods.base import Method, MethodSpec, TensorTask
-from mergekit_like.kernels.arcee_fusion import fusion_threshold, warm_up
+from mergekit_like.kernels.arcee_fusion import fused_passes, fusion_threshold, supported, \
+    warm_up
 from mergekit_like.ops.arcee_fusion import fuse, fusion_importance
 
 
@@ -26,6 +32,7 @@ class ArceeFusion(Method):
         needs_base=True,
         exact_inputs=2,
     )
+    span_parallel = True     # kernels.arcee_fusion.fused_passes splits blocks over task.workers
 
     def warm_up(self, device: torch.device) -> None:
         if device.type == "cpu":
@@ -37,6 +44,8 @@ class ArceeFusion(Method):
             return copy_of(task, task.base)
         a, b = task.base, other
         out = task.empty_output()
+        if supported(task, a, b) and fused_passes(task, a, b, out):
+            return out
         if len(task.shape) < 2:                         # one softmax row: whole
             a32, b32 = task.cast(a, copy=True), task.cast(b, copy=True)
             imp = fusion_importance(a32, b32)
