@@ -73,11 +73,9 @@ def train_router(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto = CUDA when available)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Train the router of BUNDLE.
-
-    A Twin bundle (twin/twin.json): the task classifier, on labelled texts (docs/methods/twin.md §7). A WEMoE
-    folder (config.json model_type "wemoe"): the per-layer routers, by minimising next-token
-    entropy on unlabeled texts, optionally guarded by held-out perplexity (docs/methods/wemoe.md §5)."""
+    """Train the router of BUNDLE: a Twin bundle's task classifier on labelled texts
+    (docs/methods/twin.md §7), or a WEMoE folder's per-layer routers on unlabeled texts,
+    optionally guarded by held-out perplexity (docs/methods/wemoe.md §5)."""
     from mergekit_like.wemoe.runtime import is_wemoe
     from mergekit_like.twin.bundle import is_bundle
 

@@ -59,3 +59,32 @@ def routing_loss(model, ids: torch.Tensor, mask: torch.Tensor,
 def label_counts(labels: torch.Tensor, tasks: Sequence[str]) -> dict[str, int]:
     """How many texts each expert was most sure of."""
     return {t: int((labels == i).sum()) for i, t in enumerate(tasks)}
+
+
+def confident_targets(model, dev, seqs: Sequence[list[int]], answers: Sequence[list[int]],
+                      batch_size: int, sample_entropy) -> tuple[torch.Tensor, dict[str, int]]:
+    """(t* of every text on ``dev``, texts per expert); a text with an answer is judged on the
+    positions that predict its answer. ``sample_entropy(model, ids, mask, routing=, score=)``
+    is train.py's per-sample mean entropy."""
+    tasks = list(model.config.wemoe["tasks"])
+    lengths = [len(a) for a in answers]
+
+    def entropy_of(m, ids, mask, routing, first):
+        score = answer_positions(mask, lengths[first:first + len(ids)])
+        return sample_entropy(m, ids, mask, routing=routing, score=score)
+
+    labels = pseudo_labels(model, dev, seqs, len(tasks), len(model.wemoe_mlps()), batch_size,
+                           entropy_of)
+    return labels.to(dev), label_counts(labels, tasks)
+
+
+def answer_positions(mask: torch.Tensor, answer_lengths: list[int]) -> torch.Tensor:
+    """[B, N] mask of the positions whose next token is an answer token (the last real
+    positions but one); every real position for a text without an answer."""
+    score = mask.clone()
+    n_real = mask.sum(dim=1).tolist()
+    for b, (n, k) in enumerate(zip(n_real, answer_lengths)):
+        if 0 < k < n:
+            score[b] = 0
+            score[b, n - 1 - k:n - 1] = 1
+    return score

@@ -37,7 +37,7 @@ from mergekit_like.runtime.evaluate import evaluate_perplexity
 from mergekit_like.runtime.hooks import enable_checkpointing
 from mergekit_like.runtime.metrics import next_token_entropy
 from mergekit_like.runtime.model import _load_tokenizer, require_transformers
-from mergekit_like.wemoe.confident import label_counts, pseudo_labels, routing_loss
+from mergekit_like.wemoe.confident import confident_targets, routing_loss
 from mergekit_like.wemoe.method import init_router
 from mergekit_like.wemoe.runtime import is_wemoe, load_wemoe
 
@@ -150,7 +150,8 @@ def _fit(loaded, routers: dict, examples: list[Example], val: list[Example] | No
     evals = [(0, best[0].perplexity, best[0].entropy)] if val else []
     optimizer = torch.optim.Adam(list(routers.values()), lr=settings.lr)
     stream = batch_stream([ex.task for ex in examples], settings.batch_size, settings.seed)
-    targets, counts = _targets(model, dev, train, settings, answers)
+    targets, counts = (None, {}) if settings.objective != "confident" else \
+        confident_targets(model, dev, train, answers, settings.batch_size, sample_entropy)
     with Progress(TextColumn("[bold]train-router"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("entropy {task.fields[loss]}"), console=console,
                   disable=quiet) as bar:
@@ -177,22 +178,6 @@ def _fit(loaded, routers: dict, examples: list[Example], val: list[Example] | No
                             evals=evals, objective=settings.objective, pseudo_labels=counts)
 
 
-def _targets(model, dev, train, settings: WemoeTrainSettings, answers: list[list[int]]
-             ) -> tuple[torch.Tensor | None, dict[str, int]]:
-    """The confident objective's t* of every training text (None for the entropy objective);
-    a text with an answer is judged on the positions that predict its answer."""
-    if settings.objective != "confident":
-        return None, {}
-    mlps = model.wemoe_mlps()
-    tasks = list(model.config.wemoe["tasks"])
-    lengths = [len(a) for a in answers]
-    labels = pseudo_labels(model, dev, train, len(tasks), len(mlps), settings.batch_size,
-                           lambda m, ids, mask, routing, first: sample_entropy(
-                               m, ids, mask, routing=routing,
-                               score=_answer_positions(mask, lengths[first:first + len(ids)])))
-    return labels.to(dev), label_counts(labels, tasks)
-
-
 def _step(model, dev, train, stream, optimizer, grad_accum: int,
           targets: torch.Tensor | None = None) -> float:
     """One optimizer step over ``grad_accum`` micro-batches; returns the mean batch objective
@@ -210,18 +195,6 @@ def _step(model, dev, train, stream, optimizer, grad_accum: int,
         total += loss.item()
     optimizer.step()
     return total
-
-
-def _answer_positions(mask: torch.Tensor, answer_lengths: list[int]) -> torch.Tensor:
-    """[B, N] mask of the positions whose next token is an answer token (the last real
-    positions but one); every real position for a text without an answer."""
-    score = mask.clone()
-    n_real = mask.sum(dim=1).tolist()
-    for b, (n, k) in enumerate(zip(n_real, answer_lengths)):
-        if 0 < k < n:
-            score[b] = 0
-            score[b, n - 1 - k:n - 1] = 1
-    return score
 
 
 def sample_entropy(model, ids: torch.Tensor, mask: torch.Tensor,

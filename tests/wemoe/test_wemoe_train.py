@@ -259,3 +259,13 @@ def test_confident_objective_routes_each_text_to_its_surest_expert(pristine, out
     assert dist_after < 0.5 * dist_before
     # the largest routing weight now names the surest expert for most of these random texts
     assert float((after.mean(dim=1).argmax(dim=-1) == surest).float().mean()) >= 0.7  # chance: 0.5
+
+
+def test_answer_positions_pick_the_positions_that_predict_the_answer():
+    from mergekit_like.wemoe.confident import answer_positions
+
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
+    got = answer_positions(mask, [2, 0, 5])
+    # text 0: 5 real tokens, the last 2 are the answer -> positions 2 and 3 predict them;
+    # text 1: no answer -> every real position; text 2: an answer as long as the text -> all
+    assert got.tolist() == [[0, 0, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]]
