@@ -68,7 +68,7 @@ def train_router(
                                     "perplexity) or last routers; default: best with "
                                     "--val-data, else last."),
     objective: str = typer.Option("confident", "--objective", help="WEMoE: confident (route "
-                                  "each text toward the expert most sure of it; default) or "
+                                  "each text toward the expert that predicts it best; default) or "
                                   "entropy (the paper's test-time entropy minimisation)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto = CUDA when available)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -129,7 +129,7 @@ def _train_wemoe(root: Path, data: Path, settings, val_data: Path | None, device
                       f"{r.entropy_end:.4f}")
     if r.pseudo_labels:
         shares = ", ".join(f"{t} {n}" for t, n in r.pseudo_labels.items())
-        out_console.print(f"objective: confident expert; texts per most-confident expert: "
+        out_console.print(f"objective: confident expert; texts per best-predicting expert: "
                           f"{shares}")
     if r.best_perplexity is not None:
         out_console.print(f"best held-out perplexity: {r.best_perplexity:.4f} (step "

@@ -5,8 +5,8 @@ For a text x (positions P: those predicting its answer when the data gives one, 
 real position) and each task t, route every layer one-hot to t (the oracle a
 labelled example would get: the MLPs of fine-tune t, the shared weights as merged) and take
 
-    H_t(x) = (1/|P|) Σ_{n∈P} H(softmax(logits_n))        next-token entropy under expert t
-    t*(x)  = argmin_t H_t(x)                              the expert most sure of this text
+    S_t(x) = −(1/|P|) Σ_{n∈P} log p_t(x_{n+1} | x_≤n)     surprisal of the text under expert t
+    t*(x)  = argmin_t S_t(x)                              the expert that predicts it best
 
 once, before training (no label is read). Each step then regresses every layer's routing
 weights r_l(x) [T] (the masked mean over x's tokens of the router outputs) toward one-hot(t*):
@@ -15,9 +15,11 @@ weights r_l(x) [T] (the masked mean over x's tokens of the router outputs) towar
 
 Why not the paper's objective: minimising the entropy of every position also rewards confident
 guesses of tokens that no model can predict (the prompt of a task), and drives all routing
-toward whichever expert is most peaked — on the zoo it collapses and loses accuracy. Picking
-the expert by its confidence and copying that choice keeps the signal, uses the same unlabeled
-texts, and lets the router generalise it to texts it never saw.
+toward whichever expert is most peaked — on the zoo it collapses and loses accuracy. Picking,
+per text, the expert under which the text itself is most likely and copying that choice uses
+the same unlabeled texts, and lets the router generalise it to texts it never saw. (The
+entropy of the expert's own predictions, tried first, is a weaker judge: a wrong expert can be
+confidently wrong.)
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from mergekit_like.runtime.data import pad_batch
 def pseudo_labels(model, dev, seqs: Sequence[list[int]], n_tasks: int, layers: int,
                   batch_size: int, entropy_of) -> torch.Tensor:
     """t*(x) [N] int64 for every text (see the module doc); ``entropy_of(model, ids, mask,
-    routing, first)`` gives the per-sample mean entropy [B] under forced ``routing`` [L, B, T]
-    of the batch whose first text is text ``first``."""
+    routing, first)`` gives the per-sample score S [B] (lower: the expert fits the text better)
+    under forced ``routing`` [L, B, T] of the batch whose first text is text ``first``."""
     out = []
     for k in range(0, len(seqs), batch_size):
         ids, mask = (t.to(dev) for t in pad_batch(list(seqs[k:k + batch_size]), "right"))
@@ -57,21 +59,31 @@ def routing_loss(model, ids: torch.Tensor, mask: torch.Tensor,
 
 
 def label_counts(labels: torch.Tensor, tasks: Sequence[str]) -> dict[str, int]:
-    """How many texts each expert was most sure of."""
+    """How many texts each expert predicted best."""
     return {t: int((labels == i).sum()) for i, t in enumerate(tasks)}
 
 
+def sample_surprisal(model, ids: torch.Tensor, mask: torch.Tensor, routing: torch.Tensor,
+                     score: torch.Tensor) -> torch.Tensor:
+    """S [B] float32: the mean −log p(next token) over the positions ``score`` [B, N] marks,
+    under forced ``routing`` [L, B, T]."""
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False,
+                   wemoe_routing=routing).logits[:, :-1].float()
+    nll = -logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]     # [B, N − 1]
+    where = (score[:, :-1] * mask[:, 1:]).to(nll.dtype)
+    return (nll * where).sum(dim=1) / where.sum(dim=1).clamp(min=1)
+
+
 def confident_targets(model, dev, seqs: Sequence[list[int]], answers: Sequence[list[int]],
-                      batch_size: int, sample_entropy) -> tuple[torch.Tensor, dict[str, int]]:
+                      batch_size: int) -> tuple[torch.Tensor, dict[str, int]]:
     """(t* of every text on ``dev``, texts per expert); a text with an answer is judged on the
-    positions that predict its answer. ``sample_entropy(model, ids, mask, routing=, score=)``
-    is train.py's per-sample mean entropy."""
+    positions that predict its answer."""
     tasks = list(model.config.wemoe["tasks"])
     lengths = [len(a) for a in answers]
 
     def entropy_of(m, ids, mask, routing, first):
         score = answer_positions(mask, lengths[first:first + len(ids)])
-        return sample_entropy(m, ids, mask, routing=routing, score=score)
+        return sample_surprisal(m, ids, mask, routing, score)
 
     labels = pseudo_labels(model, dev, seqs, len(tasks), len(model.wemoe_mlps()), batch_size,
                            entropy_of)

@@ -151,7 +151,7 @@ def _fit(loaded, routers: dict, examples: list[Example], val: list[Example] | No
     optimizer = torch.optim.Adam(list(routers.values()), lr=settings.lr)
     stream = batch_stream([ex.task for ex in examples], settings.batch_size, settings.seed)
     targets, counts = (None, {}) if settings.objective != "confident" else \
-        confident_targets(model, dev, train, answers, settings.batch_size, sample_entropy)
+        confident_targets(model, dev, train, answers, settings.batch_size)
     with Progress(TextColumn("[bold]train-router"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("entropy {task.fields[loss]}"), console=console,
                   disable=quiet) as bar:

@@ -14,7 +14,7 @@ import torch
 from mergekit_like.zoo.build import Zoo
 from mergekit_like.zoo.quality_methods import RecipeMethod, run_merge_cli
 
-ROUTER_STEPS = (100, 300)
+ROUTER_STEPS = (100, 300, 600)
 ROUTER_LR = 1e-2
 LAMBDAS = (0.3, 0.7)
 

@@ -220,9 +220,10 @@ def test_bad_input_is_one_line_before_loading(pristine, out, tmp_path, capsys, m
     assert folder_digest(out) == before
 
 
-def _routing_and_entropies(folder: Path, rows: list[dict]):
-    """Per text: r [L, T] of the trained routers, and the mean next-token entropy under each
-    expert forced one-hot (computed here from the logits, not by train-router's code)."""
+def _routing_and_surprisals(folder: Path, rows: list[dict]):
+    """Per text: r [L, T] of the trained routers, and the mean surprisal −log p(next token) of
+    the text under each expert forced one-hot (computed here from the logits, not by
+    train-router's code)."""
     from mergekit_like.wemoe.runtime import load_wemoe
 
     model = load_wemoe(folder, device="cpu", dtype=torch.float32).model
@@ -236,23 +237,26 @@ def _routing_and_entropies(folder: Path, rows: list[dict]):
             for t in range(2):
                 forced = torch.zeros(len(model.wemoe_mlps()), 1, 2)
                 forced[:, :, t] = 1.0
-                p = model(input_ids=ids, use_cache=False, wemoe_routing=forced).logits[0].softmax(-1)
-                per_expert.append(float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean()))
+                logp = model(input_ids=ids, use_cache=False,
+                             wemoe_routing=forced).logits[0].log_softmax(-1)
+                nll = -logp[:-1].gather(1, ids[0, 1:, None])[:, 0]
+                per_expert.append(float(nll.mean()))
             entropies.append(per_expert)
     return torch.stack(routing), torch.tensor(entropies)
 
 
-def test_confident_objective_routes_each_text_to_its_surest_expert(pristine, out, capsys):
+def test_confident_objective_routes_each_text_to_the_expert_that_predicts_it(pristine, out,
+                                                                            capsys):
     rows = [json.loads(line) for line in pristine["train"].read_text().splitlines()]
-    before, entropies = _routing_and_entropies(out, rows)
-    surest = entropies.argmin(dim=1)                          # t* by hand
+    before, surprisals = _routing_and_surprisals(out, rows)
+    surest = surprisals.argmin(dim=1)                         # t* by hand
     code, stdout, err = run_cli(["train-router", out, "--data", pristine["train"], "--steps",
                                  "60", "--lr", "1e-2", "--device", "cpu", "-q"], capsys)
     assert code == 0, err
     counts = {"a": int((surest == 0).sum()), "b": int((surest == 1).sum())}
-    assert f"texts per most-confident expert: a {counts['a']}, b {counts['b']}" in stdout
+    assert f"texts per best-predicting expert: a {counts['a']}, b {counts['b']}" in stdout
     assert metadata(out)["objective"] == "confident"
-    after, _ = _routing_and_entropies(out, rows)
+    after, _ = _routing_and_surprisals(out, rows)
     goal = torch.nn.functional.one_hot(surest, 2).float()[:, None]      # [N, 1, T]
     dist_before = (before - goal).square().sum(-1).mean()
     dist_after = (after - goal).square().sum(-1).mean()
