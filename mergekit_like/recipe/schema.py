@@ -90,7 +90,8 @@ def unknown_key(loc: Locator, path: tuple, known: tuple[str, ...] | list[str],
     return loc.error(path, f"{what}{suggest(str(key), known)} (known: {', '.join(known)})")
 
 
-def _type_name(v: Any) -> str:
+def type_name(v: Any) -> str:
+    """How an error message shows a recipe value: null, true/false, a list, a map, or repr."""
     if v is None:
         return "null"
     if isinstance(v, bool):
@@ -121,17 +122,17 @@ def _translate(err: dict, data: dict, loc: Locator) -> MergeError:
         return loc.error(parent, f"'{field}' is required")
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
-        return loc.error(path, f"{_type_name(value)} is not allowed; use {expected}")
+        return loc.error(path, f"{type_name(value)} is not allowed; use {expected}")
     if kind in ("string_type",):
-        return loc.error(path, f"expected a string, got {_type_name(value)}")
+        return loc.error(path, f"expected a string, got {type_name(value)}")
     if kind in ("int_type", "int_parsing", "int_from_float"):
-        return loc.error(path, f"expected an integer, got {_type_name(value)}")
+        return loc.error(path, f"expected an integer, got {type_name(value)}")
     if kind in ("list_type",):
-        return loc.error(path, f"expected a list, got {_type_name(value)}")
+        return loc.error(path, f"expected a list, got {type_name(value)}")
     if kind in ("dict_type", "model_type", "model_attributes_type"):
         what = "a map like {model: org/name, parameters: {...}}" if path[:1] == ("models",) \
             and len(path) == 2 else "a map"
-        return loc.error(path, f"expected {what}, got {_type_name(value)}")
+        return loc.error(path, f"expected {what}, got {type_name(value)}")
     return loc.error(path, err.get("msg", "invalid value"))  # pragma: no cover - fallback
 
 
@@ -149,7 +150,7 @@ def check_document(data: Any, loc: Locator) -> RecipeDoc:
     if data is None:
         raise loc.error((), "the recipe is empty")
     if not isinstance(data, dict):
-        raise loc.error((), f"the recipe must be a YAML mapping of keys, got {_type_name(data)}")
+        raise loc.error((), f"the recipe must be a YAML mapping of keys, got {type_name(data)}")
     for key in data:
         if not isinstance(key, str):
             raise loc.error((key,), "keys must be strings")

@@ -25,7 +25,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 
-from mergekit_like.recipe.schema import suggest
+from mergekit_like.recipe.schema import suggest, type_name, unknown_key
 from mergekit_like.recipe.yaml_lines import Locator
 
 BLOCK = ("tokenizer",)
@@ -74,23 +74,6 @@ class TokenizerSettings:
     pad_to_multiple_of: int | None
 
 
-def _show(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, list):
-        return "a list"
-    if isinstance(v, dict):
-        return "a map"
-    return repr(v)
-
-
-def _unknown(loc: Locator, path: tuple, known: tuple[str, ...]) -> Exception:
-    return loc.error(path, f"unknown key{suggest(str(path[-1]), known)} "
-                           f"(known: {', '.join(known)})")
-
-
 def _translate(err: dict, loc: Locator) -> Exception:
     """One pydantic error of TokenizerDoc as a located one-line error."""
     rel = tuple(err["loc"])
@@ -98,15 +81,15 @@ def _translate(err: dict, loc: Locator) -> Exception:
     value = err.get("input")
     if err["type"] == "extra_forbidden":
         known = TOKEN_KEYS if len(rel) == 3 and rel[0] == "tokens" else BLOCK_KEYS
-        return _unknown(loc, path, known)
+        return unknown_key(loc, path, known)
     if rel[-1:] == ("force",):
-        return loc.error(path, f"force must be true or false, got {_show(value)}")
+        return loc.error(path, f"force must be true or false, got {type_name(value)}")
     if rel == ("tokens",):
         return loc.error(path, "expected a map of token string -> {source: ..., force: ...}, "
-                               f"got {_show(value)}")
+                               f"got {type_name(value)}")
     if rel[:1] == ("tokens",) and len(rel) == 2:
         return loc.error(path, f"expected a map like {{source: org/name, force: false}}, "
-                               f"got {_show(value)}")
+                               f"got {type_name(value)}")
     return loc.error(path, err.get("msg", "invalid value"))  # pragma: no cover - fallback
 
 
@@ -115,7 +98,7 @@ def _pad(value: Any, loc: Locator) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise loc.error(BLOCK + ("pad_to_multiple_of",),
-                        f"must be a positive integer, got {_show(value)}")
+                        f"must be a positive integer, got {type_name(value)}")
     return value
 
 
@@ -131,7 +114,7 @@ def _model_token(src: dict, path: tuple, loc: Locator,
                  parse_model: Callable[[Any, tuple], Any]) -> tuple[Any, str | None, int | None]:
     for key in src:
         if key not in MODEL_TOKEN_KEYS:
-            raise _unknown(loc, path + (key,), MODEL_TOKEN_KEYS)
+            raise unknown_key(loc, path + (key,), MODEL_TOKEN_KEYS)
     if src.get("model") is None:
         raise loc.error(path, "kind model_token needs 'model' (the model whose row is copied)")
     has_token, has_id = src.get("token") is not None, src.get("token_id") is not None
@@ -140,10 +123,10 @@ def _model_token(src: dict, path: tuple, loc: Locator,
                               "or 'token_id' (a row index)" + (", not both" if has_token else ""))
     token, token_id = src.get("token"), src.get("token_id")
     if has_token and (not isinstance(token, str) or not token):
-        raise loc.error(path + ("token",), f"expected a token string, got {_show(token)}")
+        raise loc.error(path + ("token",), f"expected a token string, got {type_name(token)}")
     if has_id and (isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0):
         raise loc.error(path + ("token_id",),
-                        f"must be a non-negative integer, got {_show(token_id)}")
+                        f"must be a non-negative integer, got {type_name(token_id)}")
     return parse_model(src["model"], path + ("model",)), token, token_id
 
 
@@ -151,7 +134,7 @@ def _token(name: Any, doc: TokenDoc, loc: Locator,
            parse_model: Callable[[Any, tuple], Any]) -> ParsedToken:
     path = BLOCK + ("tokens", name)
     if not isinstance(name, str) or not name:
-        raise loc.error(path, f"token keys must be non-empty strings, got {_show(name)}")
+        raise loc.error(path, f"token keys must be non-empty strings, got {type_name(name)}")
     src = doc.source
     spath = path + ("source",)
     if src is None:
@@ -161,12 +144,12 @@ def _token(name: Any, doc: TokenDoc, loc: Locator,
         kind = src["kind"]
         if kind not in KINDS:
             hint = suggest(str(kind), KINDS) if isinstance(kind, str) else ""
-            raise loc.error(spath + ("kind",), f"{_show(kind)} is not a token source kind"
+            raise loc.error(spath + ("kind",), f"{type_name(kind)} is not a token source kind"
                                                f"{hint} (known: {', '.join(KINDS)})")
         if kind == "zero":
             for key in src:
                 if key != "kind":
-                    raise _unknown(loc, spath + (key,), ("kind",))
+                    raise unknown_key(loc, spath + (key,), ("kind",))
             return ParsedToken("zero", force=doc.force)
         model, token, token_id = _model_token(src, spath, loc, parse_model)
         return ParsedToken("model_token", model, token, token_id, doc.force)
@@ -183,7 +166,7 @@ def parse_tokenizer(block: Any, loc: Locator,
         return None
     if not isinstance(block, dict):
         raise loc.error(BLOCK, f"expected a map with keys {', '.join(BLOCK_KEYS)}, "
-                               f"got {_show(block)}")
+                               f"got {type_name(block)}")
     try:
         doc = TokenizerDoc.model_validate(block)
     except ValidationError as exc:
