@@ -39,6 +39,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from doc_markers import replace_between
 from mergekit_like.demo import LlamaShape, make_family
 from mergekit_like.registry import method_names
 
@@ -278,13 +279,7 @@ def table(rows: list[list[str]]) -> str:
 
 def write_doc(doc: Path, text: str) -> None:
     """Replace the table between the markers of ``doc`` (append markers if missing)."""
-    old = doc.read_text() if doc.exists() else "# Parity with mergekit\n"
-    block = f"{START}\n{text}\n{END}"
-    if START in old and END in old:
-        new = old[: old.index(START)] + block + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    doc.write_text(new)
+    replace_between(doc, START, END, text, new_page="# Parity with mergekit\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from doc_markers import replace_between
 from mergekit_like.zoo import PRESETS, Zoo
 from mergekit_like.zoo.build import build_zoos, seed_dir, to_stderr
 from mergekit_like.zoo.quality import format_table, run_quality
@@ -81,14 +82,9 @@ def write_doc(text: str, report, curves) -> None:
                   [mean([r.test[t] for t in report.tasks]) for r in rows], DOCS / BARS)
     trade_off_curves(curves, {k: pareto_front(v) for k, v in curves.items()}, DOCS / FRONTS)
     doc = DOCS / "quality.md"
-    old = doc.read_text()
-    figures = f"![accuracy per method]({BARS})\n\n![RCP trade-off]({FRONTS})\n"
-    block = f"{START}\n{text}\n\n{figures}{END}"
-    if START in old and END in old:
-        new = old[:old.index(START)] + block + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n## Latest run of scripts/quality.py --doc\n\n" + block + "\n"
-    doc.write_text(new)
+    figures = f"![accuracy per method]({BARS})\n\n![RCP trade-off]({FRONTS})"
+    replace_between(doc, START, END, f"{text}\n\n{figures}",
+                    heading="## Latest run of scripts/quality.py --doc")
     to_stderr(f"wrote {doc}, {DOCS / BARS}, {DOCS / FRONTS}")
 
 
