@@ -39,11 +39,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from doc_markers import replace_between
 from mergekit_like.demo import LlamaShape, make_family
 from mergekit_like.registry import method_names
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # its sibling doc_markers.py, also when loaded by path
+from doc_markers import replace_between  # noqa: E402
 VENV = REPO / ".parity-venv"
 DOC = REPO / "docs" / "parity.md"
 SHAPES = sorted((REPO / "recipes" / "shapes").glob("*.yml"))

@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from doc_markers import replace_between
 from mergekit_like.zoo import PRESETS, Zoo
 from mergekit_like.zoo.build import build_zoos, seed_dir, to_stderr
 from mergekit_like.zoo.quality import format_table, run_quality
@@ -28,6 +27,8 @@ from mergekit_like.zoo.quality_rcp import (DOMAIN, REASONING, RCP_ROWS, format_f
 from mergekit_like.zoo.script_args import add_zoo_arguments, zoo_request
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # its sibling doc_markers.py, also when loaded by path
+from doc_markers import replace_between  # noqa: E402
 DOCS = REPO / "docs"
 BARS, FRONTS = "quality_accuracy.png", "quality_rcp_tradeoff.png"
 START, END = "<!-- quality-run:start -->", "<!-- quality-run:end -->"
