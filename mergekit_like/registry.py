@@ -2,7 +2,8 @@
 its configured methods). A new method is one line here.
 
 The registry sits above the method packages because it imports them all: the static adapters of
-``methods/`` and the data-driven packages ``twin/``, ``wemoe/`` and ``rcp/``. Nothing below it
+``methods/`` and the data-driven packages ``twin/``, ``wemoe/``, ``rcp/``, ``regmean/`` and
+``fisher/``. Nothing below it
 imports it; the recipe validator and the engine receive the table instead
 (``method_table()``, ``load_recipe``).
 """
@@ -18,6 +19,7 @@ from mergekit_like.methods.base import Method
 from mergekit_like.methods.breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from mergekit_like.methods.dare import DareLinear, DareTies
 from mergekit_like.methods.della import Della, DellaLinear
+from mergekit_like.fisher.method import Fisher
 from mergekit_like.methods.karcher import Karcher
 from mergekit_like.methods.linear import Linear
 from mergekit_like.methods.model_stock import ModelStock
@@ -33,6 +35,7 @@ from mergekit_like.methods.ties import Ties
 from mergekit_like.rcp.approx import RCPApprox
 from mergekit_like.rcp.method import RCP
 from mergekit_like.recipe import Recipe
+from mergekit_like.regmean.method import RegMean
 from mergekit_like.recipe import load_recipe as _load_recipe
 from mergekit_like.recipe import load_recipe_text as _load_recipe_text
 from mergekit_like.twin.method import Twin
@@ -45,7 +48,7 @@ METHODS: tuple[Method, ...] = (
     TaskArithmetic(), Ties(), DareTies(), DareLinear(), Breadcrumbs(), BreadcrumbsTies(),
     Della(), DellaLinear(), Sce(), Ram(), RamPlusTL(),
     # data-driven methods (each its own package)
-    Twin(), WEMoE(), RCP(), RCPApprox(),
+    Twin(), WEMoE(), RCP(), RCPApprox(), RegMean(), Fisher(),
 )
 """Implemented methods, in the order lists and messages show them."""
 

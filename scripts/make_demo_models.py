@@ -10,6 +10,8 @@ For recipes/rcp.yml it also writes RCP importance maps with the real commands (n
 transformers, the ``[test]``/``[runtime]`` extra): calibration texts of random token ids
 (demo_models/calibration/*.jsonl), ``importance fisher`` on ft1 (the "reasoning" model) and
 ``importance rcp-votes`` on ft2 (the "domain" model) at λ = 1e3 → demo_models/rcp_votes_1e3.
+For recipes/regmean.yml and recipes/fisher.yml, ``stats gram`` and ``stats fisher`` on each
+fine-tune with its own texts → demo_models/gram_ftK and demo_models/fisher_stats_ftK.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def demo_importance(root: Path, n_texts: int = 8, length: int = 24) -> None:
     rng = random.Random(0)
     data = root / "calibration"
     data.mkdir(parents=True, exist_ok=True)
-    for name in ("reasoning", "domain"):
+    for name in ("reasoning", "domain", "ft3"):
         lines = [json.dumps({"input_ids": [rng.randrange(LlamaShape().vocab_size)
                                            for _ in range(length)]}) for _ in range(n_texts)]
         (data / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
@@ -57,10 +59,16 @@ def demo_importance(root: Path, n_texts: int = 8, length: int = 24) -> None:
              ["importance", "rcp-votes", "--model", root / "ft2", "--reasoning", root / "ft1",
               "--fisher", root / "fisher_ft1", "--data", data / "domain.jsonl",
               "--out", root / "rcp_votes", "--penalty-lambda", "1e3"]]
+    texts = {"ft1": "reasoning", "ft2": "domain", "ft3": "ft3"}
+    for model, name in texts.items():
+        for stat, out in (("gram", "gram"), ("fisher", "fisher_stats")):
+            steps.append(["stats", stat, "--model", root / model, "--data",
+                          data / f"{name}.jsonl", "--out", root / f"{out}_{model}"])
     for args in steps:
         if cli([str(a) for a in args] + ["--device", "cpu", "--overwrite", "-q"]) != 0:
             raise SystemExit(f"failed: mergekit-like {' '.join(map(str, args))}")
-    print(f"wrote {root / 'fisher_ft1'} and {root / 'rcp_votes_1e3'}")
+    print(f"wrote {root / 'fisher_ft1'}, {root / 'rcp_votes_1e3'}, the Gram folders "
+          f"{root / 'gram_ft*'} and the Fisher folders {root / 'fisher_stats_ft*'}")
 
 
 if __name__ == "__main__":

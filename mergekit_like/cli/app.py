@@ -16,6 +16,7 @@ from mergekit_like import __version__
 from mergekit_like.cli.grid import grid
 from mergekit_like.cli.merge import merge, publish
 from mergekit_like.cli.models import eval_model, inspect, verify
+from mergekit_like.cli.stats import stats_app
 from mergekit_like.cli.train_router import train_router
 from mergekit_like.console import err_console, out_console
 from mergekit_like.errors import MergeError
@@ -40,6 +41,7 @@ app.command()(grid)
 app.command()(version)
 app.add_typer(twin_app, name="twin")
 app.add_typer(importance_app, name="importance")
+app.add_typer(stats_app, name="stats")
 app.command(name="train-router")(train_router)
 
 

@@ -54,6 +54,8 @@ def print_plan(plan, out: Path, options) -> None:
     out_console.print("peak memory estimate: "
                       f"{fmt_bytes(plan.peak_memory_estimate(options.block_elems) + 350 * 10**6)}"
                       " (host, incl. ~350 MB for Python and torch)")
+    for note in plan.notes:
+        out_console.print(note, markup=False, highlight=False)
 
 
 def print_summary(model: str, summary, list_tensors: bool) -> None:

@@ -116,7 +116,8 @@ class MergePlan:
         outs = max(math.prod(o.shape) * o.dtype.itemsize for o in self.outputs)
         width = len(self.method_inputs) + 5
         working = min(block_elems, max(j.info.numel for j in self.jobs)) * 4 * width
-        return reads[0] + (reads[1] if len(reads) > 1 else 0) + 2 * outs + working
+        return (reads[0] + (reads[1] if len(reads) > 1 else 0) + 2 * outs + working
+                + self.method.working_bytes(self))
 
 
 

@@ -6,6 +6,7 @@ import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mergekit_like.errors import MergeError
 from mergekit_like.grid.results import parse_metric
@@ -16,6 +17,7 @@ class Evaluation:
     metric: float | None
     fields: dict[str, float] | None
     error: str | None
+    extra: dict[str, Any] | None = None     # more row fields (lm-eval: {"lm_eval": {...}})
 
 
 def eval_command(template: str, out: Path, pid: str, label: str) -> str:

@@ -10,28 +10,25 @@ inputs into passes, run each pass as one read (``engine.run_pass``), log every a
 from __future__ import annotations
 
 import json
-import os
-import resource
-import shutil
 import socket
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 from mergekit_like import __version__
-from mergekit_like.engine import MergeOptions, run_pass
+from mergekit_like.engine import MergeOptions
 from mergekit_like.errors import MergeError
+from mergekit_like.grid.executors import (POINT_FILE, Executor, PassJob, PointOutcome,  # noqa: F401
+                                          SharedSources,
+                                          SequentialExecutor, remove_partial)
 from mergekit_like.grid.expand import Grid, GridPoint, InvalidPoint, partition
+from mergekit_like.grid.progress import GridProgress
 from mergekit_like.grid.results import ResultLog, atomic_write
-from mergekit_like.io.fs import pid_alive
-from mergekit_like.io.source import CheckpointSource
 from mergekit_like.engine.plan import MergePlan, SourceOpener, build_plan
-from mergekit_like.recipe import InputModel
 from mergekit_like.registry import verify as verify_output
 
-POINT_FILE = "grid_point.json"
+PROCESS_BASE_BYTES = 350 * 10**6   # a worker process's own memory, beside one merge's peak
 
 
 @dataclass
@@ -43,6 +40,7 @@ class GridOptions:
     pass_size: int = 16
     shard: tuple[int, int] | None = None        # (i, n)
     break_lock: bool = False
+    worker_device: str | None = None            # a --device spec resolved on each worker
 
 
 @dataclass
@@ -70,29 +68,6 @@ class GridRun:
 
 
 # ---- shared sources -----------------------------------------------------------------------------
-
-class SharedSources:
-    """One source per model reference for the whole grid: headers parsed once, Hub shards
-    downloaded once. ``close`` closes them all (plans of the grid never close sources)."""
-
-    def __init__(self, opener: SourceOpener):
-        self._opener = opener
-        self._open: dict[tuple, CheckpointSource] = {}
-
-    def __call__(self, inp: InputModel) -> CheckpointSource:
-        key = inp.ref.key
-        if key not in self._open:
-            self._open[key] = self._opener(inp)
-        src = self._open[key]
-        if getattr(src, "sha", None):
-            inp.ref.sha = src.sha
-        return src
-
-    def close(self) -> None:
-        for src in self._open.values():
-            src.close()
-        self._open.clear()
-
 
 def read_signature(plan: MergePlan) -> tuple:
     """Points with equal signatures read the same tensors from the same sources in the same
@@ -174,9 +149,13 @@ def point_complete(root: Path, point: GridPoint) -> bool:
 
 def run_grid(grid: Grid, root: Path, merge_options: MergeOptions, opener: SourceOpener,
              options: GridOptions, log: ResultLog,
-             on_pass: Callable[[list[dict[str, Any]]], None] | None = None) -> GridRun:
-    """Run the grid's points into ``root``; returns this run's result rows."""
+             on_pass: Callable[[list[dict[str, Any]]], None] | None = None,
+             executor: Executor | None = None, progress: GridProgress | None = None) -> GridRun:
+    """Run the grid's points into ``root`` on ``executor`` (default: this process, pass after
+    pass); returns this run's result rows. Only this driver appends to the results log."""
     run = GridRun(warnings=list(grid.warnings))
+    executor = executor or SequentialExecutor()
+    progress = progress or GridProgress(None)
     sources = SharedSources(opener)
     try:
         planned = _unique(plan_points(grid, sources), run.warnings)
@@ -187,28 +166,65 @@ def run_grid(grid: Grid, root: Path, merge_options: MergeOptions, opener: Source
         valid = [p for p in planned if p.error is None]
         passes = select_shard(group_passes(valid, options.pass_size), options.shard)
         _write_points_json(root, planned, passes, grid.invalid_points)
-        previously_failed = log.failed_ids()
-        for number, group in enumerate(passes, 1):
-            todo: list[PlannedPoint] = []
-            for p in group:
-                _remove_partial(root, p.id)
-                if not options.force and point_complete(root, p.point):
-                    run.rows.append(log.record(_row(p, "skipped", pass_no=number,
-                                                    last=log.last_ok(p.id))))
-                elif options.skip_failed and p.id in previously_failed:
-                    continue
-                else:
-                    todo.append(p)
-            if todo:
-                rows = _run_one_pass(root, todo, number, merge_options, log)
-                run.rows.extend(rows)
-                if on_pass:
-                    on_pass(rows)
-                if options.fail_fast and any(r["status"] == "failed" for r in rows):
-                    break
+        jobs, by_pass = _pass_jobs(root, passes, merge_options, opener, options, log, run)
+        progress.begin(sum(len(g) for g in passes), skipped=len(run.rows))
+
+        def on_done(job: PassJob, outcomes: list[PointOutcome]) -> bool:
+            rows = _record_pass(root, job.number, by_pass[job.number], outcomes, log)
+            run.rows.extend(rows)
+            progress.finished(rows)
+            if on_pass:
+                on_pass(rows)
+            return not (options.fail_fast and any(r["status"] == "failed" for r in rows))
+
+        executor.run(jobs, progress.started, on_done)
     finally:
+        progress.end()
         sources.close()
     return run
+
+
+def _pass_jobs(root: Path, passes: list[list[PlannedPoint]], merge_options: MergeOptions,
+               opener: SourceOpener, options: GridOptions, log: ResultLog, run: GridRun
+               ) -> tuple[list[PassJob], dict[int, list[PlannedPoint]]]:
+    """One job per pass with points left to merge: a complete point is recorded ``skipped``
+    (unless --force), one that failed last time is left alone under --skip-failed."""
+    previously_failed = log.failed_ids()
+    jobs: list[PassJob] = []
+    by_pass: dict[int, list[PlannedPoint]] = {}
+    for number, group in enumerate(passes, 1):
+        todo: list[PlannedPoint] = []
+        for p in group:
+            remove_partial(root, p.id)
+            if not options.force and point_complete(root, p.point):
+                run.rows.append(log.record(_row(p, "skipped", pass_no=number,
+                                                last=log.last_ok(p.id))))
+            elif not (options.skip_failed and p.id in previously_failed):
+                todo.append(p)
+        if todo:
+            by_pass[number] = todo
+            memory = max(p.plan.peak_memory_estimate(merge_options.block_elems) for p in todo)
+            jobs.append(PassJob(number, [p.point for p in todo], root, merge_options, opener,
+                                memory_bytes=memory + PROCESS_BASE_BYTES,
+                                device=options.worker_device, plans=[p.plan for p in todo]))
+    return jobs, by_pass
+
+
+def _record_pass(root: Path, number: int, group: list[PlannedPoint],
+                 outcomes: list[PointOutcome], log: ResultLog) -> list[dict[str, Any]]:
+    """The results lines of one finished pass (a lost worker's partial folders removed)."""
+    by_id = {o.id: o for o in outcomes}
+    rows = []
+    for p in group:
+        o = by_id.get(p.id) or PointOutcome(p.id, "the executor returned no result for it")
+        if o.lost:
+            remove_partial(root, p.id)
+        rows.append(log.record(_row(p, "failed" if o.error else "ok", error=o.error,
+                                    pass_no=number, wall_s=o.wall_s,
+                                    pass_wall_s=o.pass_wall_s, peak_rss_mb=o.peak_rss_mb,
+                                    started_at=o.started_at, finished_at=o.finished_at,
+                                    host=o.host)))
+    return rows
 
 
 def _record_invalid(grid: Grid, options: GridOptions, log: ResultLog) -> list[dict[str, Any]]:
@@ -241,37 +257,11 @@ def _unique(planned: list[PlannedPoint], warnings: list[str]) -> list[PlannedPoi
     return out
 
 
-def _run_one_pass(root: Path, group: list[PlannedPoint], number: int, options: MergeOptions,
-                  log: ResultLog) -> list[dict[str, Any]]:
-    started = _now()
-    t0 = time.perf_counter()
-    plans = [p.plan for p in group]
-    extra = [{POINT_FILE: json.dumps({"id": p.id, "label": p.point.label,
-                                      "values": p.point.values,
-                                      "resolved": p.point.recipe.resolved()},
-                                     indent=2, default=str) + "\n"} for p in group]
-    results = run_pass(plans, [root / p.id for p in group],
-                       replace(options, overwrite=True, resume=False), extra_files=extra)
-    wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    rows = []
-    for p, res in zip(group, results):
-        error = None if not isinstance(res, BaseException) else _one_line(res)
-        rows.append(log.record(_row(p, "failed" if error else "ok", error=error, pass_no=number,
-                                    wall_s=wall / len(group), pass_wall_s=wall,
-                                    peak_rss_mb=peak, started_at=started)))
-    return rows
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return " ".join(text.split("\n"))
-
-
 def _row(p: PlannedPoint | InvalidPoint, status: str, *, error: str | None = None,
          pass_no: int | None = None, wall_s: float | None = None,
          pass_wall_s: float | None = None, peak_rss_mb: float | None = None,
-         started_at: str | None = None, last: dict[str, Any] | None = None) -> dict[str, Any]:
+         started_at: str | None = None, finished_at: str | None = None,
+         host: str | None = None, last: dict[str, Any] | None = None) -> dict[str, Any]:
     """One results.jsonl line for a point (an invalid point has no inputs to name)."""
     if isinstance(p, InvalidPoint):
         label, values, inputs = p.label, p.values, {}
@@ -285,23 +275,19 @@ def _row(p: PlannedPoint | InvalidPoint, status: str, *, error: str | None = Non
         "pass_wall_s": pass_wall_s, "metric": None, "eval": None, "eval_error": None,
         "error": error,
         "inputs": inputs,
-        "started_at": started_at or _now(), "finished_at": _now(),
-        "tool_version": __version__, "shard": None, "host": socket.gethostname(),
+        "started_at": started_at or _now(), "finished_at": finished_at or _now(),
+        "tool_version": __version__, "shard": None, "host": host or socket.gethostname(),
     }
     if last:  # a skipped point keeps the metric of its last ok run
-        for key in ("metric", "eval", "wall_s", "peak_rss_mb"):
+        for key in ("metric", "eval", "lm_eval", "wall_s", "peak_rss_mb"):
+            if key not in last and key not in row:
+                continue
             row[key] = last.get(key)
     return row
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _remove_partial(root: Path, pid: str) -> None:
-    partial = root / f".{pid}.partial"
-    if partial.exists():
-        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _write_points_json(root: Path, planned: list[PlannedPoint],
@@ -314,36 +300,3 @@ def _write_points_json(root: Path, planned: list[PlannedPoint],
     for ip in invalid:
         doc[ip.id] = {"label": ip.label, "values": ip.values, "pass": None, "error": ip.message}
     atomic_write(root / "points.json", json.dumps(doc, indent=2, default=str) + "\n")
-
-
-def lock_path(root: Path, shard: tuple[int, int] | None) -> Path:
-    return root / (".grid.lock" if shard is None else f".grid.{shard[0]}-of-{shard[1]}.lock")
-
-
-def acquire_lock(root: Path, shard: tuple[int, int] | None, break_lock: bool) -> tuple[Path, list[str]]:
-    """Create the grid lock exclusively (docs/grid.md §4); returns it and any warning."""
-    path = lock_path(root, shard)
-    host = socket.gethostname()
-    warnings: list[str] = []
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                held = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                held = {}
-            if held.get("host") == host and isinstance(held.get("pid"), int) \
-                    and pid_alive(held["pid"]):
-                raise MergeError(f"{root}: another grid run (pid {held.get('pid')}) holds "
-                                 f"{path.name}") from None
-            if held.get("host") not in (None, host) and not break_lock:
-                raise MergeError(f"{root}: {path.name} is held by {held.get('host')} (pass "
-                                 "--break-lock if that run is dead)") from None
-            warnings.append(f"removed a stale lock {path.name} (pid {held.get('pid')})")
-            path.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"pid": os.getpid(), "host": host, "started": _now()}, fh)
-        return path, warnings
-    raise MergeError(f"{root}: cannot take {path.name}")

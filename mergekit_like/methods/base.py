@@ -41,7 +41,7 @@ class Method:
     recipe          ``check_recipe``, ``entry_keys``
     plan            ``reference_input``, ``side_inputs``, ``check_plan``,
                     ``check_tensor_params``, ``plan_outputs``
-    merge           ``warm_up``, ``io_bound``, ``span_parallel``
+    merge           ``warm_up``, ``working_bytes``, ``io_bound``, ``span_parallel``
     write, verify   ``side_files``, ``card_extra``, ``card_title``, ``indexed_groups``,
                     ``output_folders``, ``check_output``
     ==============  =========================================================================
@@ -105,6 +105,11 @@ class Method:
     """The operator splits each tensor over ``TensorTask.workers`` threads itself (one span of
     rows each, single-threaded torch ops). On a small CPU this beats torch's intra-op threads,
     whose per-op barrier stalls whenever the reader thread takes a core."""
+
+    def working_bytes(self, plan: Any) -> int:
+        """Bytes the worst tensor's merge holds beyond its float32 blocks (RegMean's float64
+        solve); added to the plan's peak memory estimate."""
+        return 0
 
     def warm_up(self, device: torch.device) -> None:
         """Called once before a pass starts reading: may start background preparation (the

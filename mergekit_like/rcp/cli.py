@@ -10,17 +10,17 @@ import typer
 importance_app = typer.Typer(add_completion=False, no_args_is_help=True,
                              help="Importance maps from calibration data (RCP-Merging).")
 
-_DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
-_DTYPE = typer.Option("auto", "--model-dtype",
+DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
+MODEL_DTYPE = typer.Option("auto", "--model-dtype",
                       help="Weights' dtype during the pass: auto (stored dtype on CUDA, float32 on CPU) | bfloat16 | float16 | float32.")
-_FIELD = typer.Option("text", "--text-field", help="JSON key holding each text.")
-_NO_CKPT = typer.Option(False, "--no-checkpointing", help="Keep activations (faster, more memory).")
-_SHARD = typer.Option("5GB", "--out-shard-size", help="Max shard size of the output folder.")
-_OVERWRITE = typer.Option(False, "--overwrite", help="Replace existing output folders.")
-_QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+TEXT_FIELD = typer.Option("text", "--text-field", help="JSON key holding each text.")
+NO_CKPT = typer.Option(False, "--no-checkpointing", help="Keep activations (faster, more memory).")
+SHARD = typer.Option("5GB", "--out-shard-size", help="Max shard size of the output folder.")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace existing output folders.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 
 
-def _bar(quiet: bool, what: str):
+def progress_bar(quiet: bool, what: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from mergekit_like.console import err_console
@@ -39,9 +39,9 @@ def fisher(
     kind: str = typer.Option("grad_x_weight_sq", "--kind", help="grad_x_weight_sq (the official code's) | grad_sq (diagonal Fisher)."),
     max_length: int = typer.Option(2048, "--max-length", help="Tokens kept per text."),
     dtype: str = typer.Option("float32", "--dtype", help="Stored dtype of F: float32 | bfloat16."),
-    text_field: str = _FIELD, device: str = _DEVICE, model_dtype: str = _DTYPE,
-    no_checkpointing: bool = _NO_CKPT, out_shard_size: str = _SHARD,
-    overwrite: bool = _OVERWRITE, quiet: bool = _QUIET,
+    text_field: str = TEXT_FIELD, device: str = DEVICE, model_dtype: str = MODEL_DTYPE,
+    no_checkpointing: bool = NO_CKPT, out_shard_size: str = SHARD,
+    overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ) -> None:
     """F_j = mean over texts of (g·θ)² (or g²): the reasoning prior."""
     from mergekit_like.console import err_console
@@ -50,7 +50,7 @@ def fisher(
     out_dtype = parse_dtype(dtype, "--dtype")
     settings = PassSettings(max_length, text_field, device, model_dtype, not no_checkpointing,
                             out_shard_size, overwrite)
-    bar, progress = _bar(quiet, "fisher")
+    bar, progress = progress_bar(quiet, "fisher")
     with bar:
         fisher_pass(model, data, out, kind=kind, settings=settings, out_dtype=out_dtype,
                     progress=progress)
@@ -67,9 +67,9 @@ def rcp_votes(
     penalty_lambda: List[float] = typer.Option([1000.0], "--penalty-lambda", help="λ (repeat for several; inf allowed)."),
     zero_grad: str = typer.Option("merge", "--zero-grad", help="merge (code-faithful) | keep (texts with C = 0 abstain)."),
     max_length: int = typer.Option(1024, "--max-length", help="Tokens kept per text."),
-    text_field: str = _FIELD, device: str = _DEVICE, model_dtype: str = _DTYPE,
-    no_checkpointing: bool = _NO_CKPT, out_shard_size: str = _SHARD,
-    overwrite: bool = _OVERWRITE, quiet: bool = _QUIET,
+    text_field: str = TEXT_FIELD, device: str = DEVICE, model_dtype: str = MODEL_DTYPE,
+    no_checkpointing: bool = NO_CKPT, out_shard_size: str = SHARD,
+    overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ) -> None:
     """v_j = Σ_k ±1 by the sign of C = g·θ_t + λ·F·(θ_r − θ_t)², per λ."""
     from mergekit_like.console import err_console, warn
@@ -77,7 +77,7 @@ def rcp_votes(
 
     settings = PassSettings(max_length, text_field, device, model_dtype, not no_checkpointing,
                             out_shard_size, overwrite)
-    bar, progress = _bar(quiet, "rcp-votes")
+    bar, progress = progress_bar(quiet, "rcp-votes")
     with bar:
         result = votes_pass(model, reasoning, fisher_dir, data, out, penalty_lambda,
                             zero_grad=zero_grad, settings=settings, progress=progress)

@@ -13,7 +13,6 @@ texts (for the medians). No per-text copy of any gradient is ever kept.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -22,17 +21,15 @@ from typing import Callable, Sequence
 
 import torch
 
-from mergekit_like.device import resolve_device
-from mergekit_like.dtypes import RECIPE_DTYPES, parse_recipe_dtype
 from mergekit_like.errors import MergeError
 from mergekit_like.io.fs import check_output_apart
 from mergekit_like.io.local import LocalSource
 from mergekit_like.ops import rcp_votes as V
 from mergekit_like.rcp.folder import (file_sha256, read_info, refuse_existing, votes_folder,
                                       write_importance)
-from mergekit_like.runtime.data import Example, check_examples, read_examples
-from mergekit_like.runtime.hooks import accumulate_gradients, enable_checkpointing
-from mergekit_like.runtime.model import load_model, require_transformers
+from mergekit_like.runtime.calibration import (PassSettings, checkpoint_parameters,  # noqa: F401
+                                               gradient_pass, load_for_pass, model_id,
+                                               parse_dtype)
 
 SAMPLE = 8192
 """Positions per tensor (evenly spaced, deterministic) sampled for the medians of §7..."""
@@ -43,101 +40,6 @@ Log = Callable[[str], None]
 Progress = Callable[[int, int], None]
 
 
-@dataclass
-class PassSettings:
-    """max_length: tokens kept per text; text_field: the JSON key of the text; device:
-    auto|cpu|cuda[:N]; dtype: the weights' dtype during the pass ("auto": stored dtype on CUDA,
-    float32 on CPU); checkpointing: activation checkpointing of the decoder layers."""
-
-    max_length: int
-    text_field: str = "text"
-    device: str = "auto"
-    dtype: str = "auto"
-    checkpointing: bool = True
-    shard_size: str = "5GB"
-    overwrite: bool = False
-
-
-def parse_dtype(name: str, option: str) -> torch.dtype:
-
-    dtype = parse_recipe_dtype(name)
-    if dtype is None:
-        raise MergeError(f"{option} {name!r}: use one of {', '.join(RECIPE_DTYPES)}")
-    return dtype
-
-
-def model_id(folder: Path) -> dict[str, str]:
-    """A local model's path and the sha256 of its weight files' bytes (docs/methods/rcp.md §3 metadata;
-    fine-tunes of one family share their headers, so a header hash would not tell them apart)."""
-    src = LocalSource(Path(folder), str(folder))
-    try:
-        files = {rel: file_sha256(Path(folder) / rel) for rel in src.files}
-    finally:
-        src.close()
-    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    return {"path": str(Path(folder).resolve()), "weights_sha256": digest}
-
-
-def _load(folder: Path, settings: PassSettings, data: Path):
-    """Check the data's shape (no model needed), load the model, read and truncate the texts."""
-
-    if settings.max_length < 2:
-        raise MergeError(f"--max-length {settings.max_length}: must be at least 2")
-    check_examples(data, settings.text_field)
-    require_transformers().utils.logging.disable_progress_bar()
-    dtype = _pass_dtype(folder, settings)
-    loaded = load_model(folder, device=settings.device, dtype=dtype)
-    examples = read_examples(data, loaded.tokenizer, settings.text_field)
-    examples = [Example(ex.sequence[: settings.max_length]) for ex in examples]
-    if settings.checkpointing and getattr(loaded.model, "supports_gradient_checkpointing", False):
-        enable_checkpointing(loaded.model)
-    return loaded, examples
-
-
-def _pass_dtype(folder: Path, settings: PassSettings) -> torch.dtype:
-
-    if settings.dtype != "auto":
-        return parse_dtype(settings.dtype, "--dtype")
-    if resolve_device(settings.device).type != "cuda":
-        return torch.float32
-    src = LocalSource(Path(folder), str(folder))
-    try:
-        stored = [i.torch_dtype for i in src.tensors().values() if i.torch_dtype.is_floating_point]
-    finally:
-        src.close()
-    return stored[0] if stored else torch.float32
-
-
-def _parameters(loaded, folder: Path) -> dict[str, torch.nn.Parameter]:
-    """The model's floating parameters, whose names must be the checkpoint's keys."""
-    params = {n: p for n, p in loaded.model.named_parameters() if p.is_floating_point()}
-    src = LocalSource(Path(folder), str(folder))
-    try:
-        header = src.tensors()
-    finally:
-        src.close()
-    bad = [n for n in params if n not in header or tuple(header[n].shape) != tuple(params[n].shape)]
-    if bad:
-        raise MergeError(f"{folder}: {len(bad)} parameter(s) of the loaded model are not "
-                         f"checkpoint tensors of the same shape (first: '{bad[0]}'); the "
-                         "importance maps must be keyed like the checkpoint")
-    return params
-
-
-def _run(loaded, examples, params: dict, on_grad, progress: Progress | None) -> int:
-
-    names = set(params)
-    done = 0
-    for i, ex in enumerate(examples):
-        done += accumulate_gradients(loaded, [ex], on_grad, batch_size=1,
-                                     params=lambda n, p: n in names)
-        if progress:
-            progress(i + 1, len(examples))
-    if done == 0:
-        raise MergeError("no calibration text has two or more tokens: nothing to differentiate")
-    return done
-
-
 def fisher_pass(model: Path, data: Path, out: Path, *, kind: str = "grad_x_weight_sq",
                 settings: PassSettings, out_dtype: torch.dtype = torch.float32,
                 progress: Progress | None = None) -> Path:
@@ -146,14 +48,14 @@ def fisher_pass(model: Path, data: Path, out: Path, *, kind: str = "grad_x_weigh
         raise MergeError(f"--kind {kind!r}: use one of {', '.join(V.FISHER_KINDS)}")
     check_output_apart(Path(out), [("--model", Path(model)), ("--data", Path(data))])
     refuse_existing(Path(out), settings.overwrite)
-    loaded, examples = _load(model, settings, data)
-    params = _parameters(loaded, model)
+    loaded, examples = load_for_pass(model, settings, data)
+    params = checkpoint_parameters(loaded, model)
     acc = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
 
     def on_grad(name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
         acc[name].add_(V.fisher_term(grad, param.detach(), kind).cpu())
 
-    k = _run(loaded, examples, params, on_grad, progress)
+    k = gradient_pass(loaded, examples, params, on_grad, progress)
     tensors = {n: a.div_(k).to(out_dtype) for n, a in acc.items()}
     meta = {"kind": "rcp_fisher", "fisher_kind": kind, "n_examples": k,
             "max_length": settings.max_length, "dtype": str(out_dtype).replace("torch.", ""),
@@ -178,11 +80,11 @@ def votes_pass(model: Path, reasoning: Path, fisher: Path, data: Path, out: Path
     fisher_info = read_info(Path(fisher), f"--fisher {fisher}")
     if fisher_info["kind"] != "rcp_fisher":
         raise MergeError(f"--fisher {fisher}: a {fisher_info['kind']} folder, not a Fisher map")
-    loaded, examples = _load(model, settings, data)
-    params = _parameters(loaded, model)
+    loaded, examples = load_for_pass(model, settings, data)
+    params = checkpoint_parameters(loaded, model)
     votes = _VoteAccumulators.zeros(params, _penalties(params, Path(reasoning), Path(fisher)),
                                     lambdas, zero_grad, len(examples))
-    k = _run(loaded, examples, params, votes.on_grad, progress)
+    k = gradient_pass(loaded, examples, params, votes.on_grad, progress)
     if k != len(examples):
         votes.counters = {lam: {n: c.to(V.votes_dtype(k)) for n, c in cs.items()}
                           for lam, cs in votes.counters.items()}

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from mergekit_like.zoo.build import Zoo
 from mergekit_like.zoo.quality_methods import Log, Method, RecipeMethod
+from mergekit_like.zoo.quality_stats import STATS_ROWS
 from mergekit_like.zoo.quality_twin import TWIN_ROWS
 from mergekit_like.zoo.quality_wemoe import WEMOE_ROWS
 
@@ -25,6 +26,7 @@ METHODS: list[Method] = [
     RecipeMethod("ties", "ties", {"weight": 1.0}, sweep={"density": (0.3, 0.5, 0.7)}),
     RecipeMethod("dare_ties", "dare_ties", {"weight": 1.0, "density": 0.5},
                  sweep={"lambda": LAMBDAS}, seed=0),
+    *STATS_ROWS,
     *TWIN_ROWS,
     *WEMOE_ROWS,
 ]

@@ -122,7 +122,7 @@ def test_resume_skips_complete_points(family, tmp_path, capsys, monkeypatch):
     from mergekit_like.engine import run as engine
     merged: list[int] = []
     real = engine.run_pass
-    monkeypatch.setattr("mergekit_like.grid.run.run_pass",
+    monkeypatch.setattr("mergekit_like.grid.executors.run_pass",
                         lambda plans, *a, **k: merged.append(len(plans)) or real(plans, *a, **k))
     code, out, err = run_cli(["grid", path, root, "--resume"], capsys)
     assert code == 0, err
