@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from mergekit_like.rcp.cli import (DEVICE, MODEL_DTYPE, NO_CKPT, OVERWRITE, QUIET, SHARD,
-                                   TEXT_FIELD, progress_bar)
+                                   TEXT_FIELD, run_pass)
 
 stats_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Per-model statistics from unlabeled calibration texts (RegMean, Fisher merging).")
@@ -27,17 +27,13 @@ def gram(
     out_shard_size: str = SHARD, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ) -> None:
     """G = XᵀX / T of every linear layer's inputs (RegMean's statistics)."""
-    from mergekit_like.console import err_console
     from mergekit_like.regmean.gram_pass import gram_pass
-    from mergekit_like.runtime.calibration import PassSettings, parse_dtype
+    from mergekit_like.runtime.calibration import PassSettings
 
-    out_dtype = parse_dtype(dtype, "--dtype")
     settings = PassSettings(max_length, text_field, device, model_dtype, False, out_shard_size,
                             overwrite)
-    bar, progress = progress_bar(quiet, "gram")
-    with bar:
-        gram_pass(model, data, out, settings=settings, out_dtype=out_dtype, progress=progress)
-    err_console.print(f"wrote {out}")
+    run_pass("gram", quiet, out, dtype, lambda out_dtype, progress: gram_pass(
+        model, data, out, settings=settings, out_dtype=out_dtype, progress=progress))
 
 
 @stats_app.command()
@@ -49,14 +45,10 @@ def fisher(
     overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ) -> None:
     """F = mean over texts of g² (diagonal empirical Fisher; Fisher merging's statistics)."""
-    from mergekit_like.console import err_console
     from mergekit_like.fisher.fisher_pass import fisher_pass
-    from mergekit_like.runtime.calibration import PassSettings, parse_dtype
+    from mergekit_like.runtime.calibration import PassSettings
 
-    out_dtype = parse_dtype(dtype, "--dtype")
     settings = PassSettings(max_length, text_field, device, model_dtype, not no_checkpointing,
                             out_shard_size, overwrite)
-    bar, progress = progress_bar(quiet, "fisher")
-    with bar:
-        fisher_pass(model, data, out, settings=settings, out_dtype=out_dtype, progress=progress)
-    err_console.print(f"wrote {out}")
+    run_pass("fisher", quiet, out, dtype, lambda out_dtype, progress: fisher_pass(
+        model, data, out, settings=settings, out_dtype=out_dtype, progress=progress))

@@ -12,9 +12,12 @@ highest, ``ops.della.magprune_ranks``). ``keep_rows`` counts each row instead of
    bucket q, seen = #(earlier columns in q) (the count before this entry's increment), and
    whether q may hold different keys ("loose": a key with mantissa bits below the bucket's
    resolution, or a shared bucket); a prefix sum (``_tops``) gives each bucket its top rank;
-3. one pass in column order (``_assign``): in a bucket that is not loose all keys are equal,
-   so an entry's rank is top(q) − seen (among equal keys the lowest column ranks highest), and
-   its keep bit u_j < threshold[rank], u_j ``ops.drop``'s SplitMix64 draw of flat index j. In a
+3. the row's draws u_j (``ops.drop``'s SplitMix64 of flat index j, one vectorised pass), then
+   column order (``_assign``): u_j below the lowest rank's threshold keeps and u_j not below
+   the highest rank's drops whatever the rank (about 1 − 2ε of the entries, settled without a
+   load); for the rest, in a bucket that is not loose all keys are equal, so an entry's rank
+   is top(q) − seen (among equal keys the lowest column ranks highest), and its keep bit
+   u_j < threshold[rank]. In a
    loose bucket the rank lies in [low(q), top(q)]: thresholds rise with the rank, so the bit is
    known unless threshold[low] ≤ u_j < threshold[top] (rare: a few entries per row);
 4. those open entries get their exact rank by counting the row (``_settle``):
@@ -58,7 +61,7 @@ def bucket_slots(m: int) -> int:
 class Work:
     """One thread's work arrays of ``keep_rows`` for rows of m entries (reused across pieces):
     keys uint32 [m], slot uint64 [m], per bucket count uint32 (all zero between rows) and low
-    uint32 [``bucket_slots(m)``], open int64 [m], plan uint64 [256]."""
+    uint32 [``bucket_slots(m)``], open int64 [m], plan uint64 [256], draws int32 [m]."""
 
     def __init__(self, m: int):
         self.m = m
@@ -68,9 +71,10 @@ class Work:
         self.low = np.empty(bucket_slots(m), np.uint32)
         self.open = np.empty(m, np.int64)
         self.plan = np.zeros(256, np.uint64)
+        self.draws = np.empty(m, np.int32)
 
     def arrays(self) -> tuple:
-        return self.keys, self.slot, self.count, self.low, self.open, self.plan
+        return self.keys, self.slot, self.count, self.low, self.open, self.plan, self.draws
 
 
 def _delta(x, b, i):  # pragma: no cover - replaced by the overload inside compiled code
@@ -180,25 +184,43 @@ def _tops(nb, count, low):  # pragma: no cover - compiled
 
 
 @njit(**_JIT)
-def _assign(j0, m, key, thresholds, slot, top, low, keep, open_):  # pragma: no cover - compiled
-    """Column order over one row (keep: its slice): an entry of a single-valued bucket has rank
-    top − seen (the lowest column of equal keys ranks highest) and keep bit u < threshold[rank];
-    in a loose bucket the bit is known when u is below the threshold of its lowest rank or not
-    below that of its highest, else the column goes into ``open_``. Returns how many did."""
-    nopen = 0
+def _row_draws(key, j0, m, u):  # pragma: no cover - compiled (vectorises: no loads)
+    """u[c] = u_{j0+c}, the row's draws (24 bits, int32)."""
     for c in range(m):
+        u[c] = np.int32(_draw(key, j0 + c))
+
+
+@njit(**_JIT)
+def _assign(m, thresholds, slot, top, low, u, keep, open_):  # pragma: no cover - compiled
+    """Column order over one row (keep: its slice; u: its draws). Thresholds rise with the rank,
+    so u below the lowest rank's keeps and u not below the highest rank's drops whatever the
+    rank: one branch-free pass settles those (about 1 − 2ε of the row) and gathers the rest,
+    "mid", into ``open_``. A mid entry of a single-valued bucket has rank top − seen (the
+    lowest column of equal keys ranks highest) and keep bit u < threshold[rank]; in a loose
+    bucket the bit is known when u is below the threshold of its lowest rank or not below that
+    of its highest, else the column stays in ``open_`` (at the front). Returns how many did."""
+    t_lo, t_hi = thresholds[0], thresholds[m - 1]
+    nmid = 0
+    for c in range(m):
+        uc = u[c]
+        keep[c] = uc < t_lo
+        open_[nmid] = c
+        nmid += np.int64((uc >= t_lo) & (uc < t_hi))
+    nopen = 0
+    for i in range(nmid):
+        c = open_[i]
         sl = slot[c]
         q = sl >> np.uint64(32)
         t = top[q]
-        u = _draw(key, j0 + c)
+        uc = u[c]
         if t & _LOOSE:
             lo = thresholds[low[q]]
-            if u >= lo and u < thresholds[t & ~_LOOSE]:
-                open_[nopen] = c
+            if uc >= lo and uc < thresholds[t & ~_LOOSE]:
+                open_[nopen] = c                # nopen ≤ i: the mid list is read ahead of it
                 nopen += 1
-            keep[c] = u < lo
+            keep[c] = uc < lo
         else:
-            keep[c] = u < thresholds[t - np.uint32(sl & _LOW)]
+            keep[c] = uc < thresholds[t - np.uint32(sl & _LOW)]
     return nopen
 
 
@@ -230,7 +252,7 @@ def _l1(m, keys, keep):  # pragma: no cover - compiled (exact sums: any order is
 
 @njit(**_JIT)
 def keep_rows(x, b, m, j0, key, thresholds, keep, full, kept, l1, keys, slot, count, low, open_,
-              plan):  # pragma: no cover - compiled
+              plan, u):  # pragma: no cover - compiled
     """MAGPRUNE's keep bits of a piece of whole rows of m entries, δ = x − b (bf16 bits as
     uint16 or float32, flat, the piece's length) or δ = x (float32) when b is None; j0: the
     flat index of its first entry; key: the draw key (uint64); thresholds [m] (int32 or int64)
@@ -244,7 +266,8 @@ def keep_rows(x, b, m, j0, key, thresholds, keep, full, kept, l1, keys, slot, co
         row = keep[s:s + m]
         emin = _scan(x[s:s + m], _rows(b, s, m), m, plan, keys, slot, count)
         _tops(nb, count, low)
-        nopen = _assign(j0 + s, m, key, thresholds, slot, count, low, row, open_)
+        _row_draws(key, j0 + s, m, u)
+        nopen = _assign(m, thresholds, slot, count, low, u, row, open_)
         count[:nb] = 0
         _settle(m, j0 + s, key, thresholds, keys, open_, nopen, row)
         if l1:

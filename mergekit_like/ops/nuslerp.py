@@ -54,41 +54,59 @@ class VectorSums:
     ``"whole"``: per-row sums kept and summed exactly (math.fsum) at the end, one value each;
     ``"last"``: each vector lies inside one row, its sum is taken whole, in vector order;
     ``"first"``: one running float64 accumulator per dim-0 slice, rows added one at a time
-    in row order. ``finish()`` gives three float64 tensors of shape (vectors,)."""
+    in row order. ``finish()`` gives three float64 tensors of shape (vectors,).
+
+    The per-row (or per-vector) sums go into one preallocated float64 [3, groups] tensor and
+    the float64 copies and products into buffers reused across pieces: fresh temporaries per
+    piece, interleaved with the small kept sums, fragmented the heap and held about one float64
+    copy of the whole tensor per sum (1.2 GB for a 32000 × 1536 embedding)."""
 
     def __init__(self, layout: str, shape: tuple[int, ...]):
         self.layout, self.shape = layout, shape
         self.row = max(1, math.prod(shape[1:])) if len(shape) >= 2 else 1
-        self.parts: list[list[torch.Tensor]] = [[], [], []]
-        self.acc: list[torch.Tensor] | None = None
+        self.width = shape[-1] if layout == "last" else self.row
+        self.groups = math.prod(shape) // max(1, self.width) if layout != "first" else 0
+        self.sums: torch.Tensor | None = None
+        self.done = 0
+        self.acc: torch.Tensor | None = None
+        self.work: torch.Tensor | None = None
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """One piece of each tensor (flat, whole rows, any float dtype)."""
-        a64, b64 = a.to(torch.float64), b.to(torch.float64)
-        prods = (a64 * a64, b64 * b64, a64 * b64)
+        n = a.numel()
+        if self.work is None or self.work.shape[1] < n:
+            self.work = torch.empty((3, n), dtype=torch.float64, device=a.device)
+        a64, b64, prod = self.work[0, :n].copy_(a), self.work[1, :n].copy_(b), self.work[2, :n]
         if self.layout == "first":
             if self.acc is None:
-                self.acc = [torch.zeros(self.row, dtype=torch.float64, device=a.device)
-                            for _ in range(3)]
-            for acc, p in zip(self.acc, prods):
-                for r in p.view(-1, self.row):
-                    acc.add_(r)
+                self.acc = torch.zeros((3, self.row), dtype=torch.float64, device=a.device)
+            for k, (x, y) in enumerate(((a64, a64), (b64, b64), (a64, b64))):
+                for r in torch.mul(x, y, out=prod).view(-1, self.row):
+                    self.acc[k].add_(r)
             return
-        width = self.shape[-1] if self.layout == "last" else self.row
-        for part, p in zip(self.parts, prods):
-            part.append(p if width == 1 else p.view(-1, width).sum(dim=1))
+        if self.sums is None:
+            self.sums = torch.zeros((3, self.groups), dtype=torch.float64, device=a.device)
+        g = n // self.width
+        for k, (x, y) in enumerate(((a64, a64), (b64, b64), (a64, b64))):
+            dest = self.sums[k, self.done:self.done + g]
+            torch.mul(x, y, out=prod)
+            if self.width == 1:
+                dest.copy_(prod)
+            else:
+                torch.sum(prod.view(-1, self.width), dim=1, out=dest)
+        self.done += g
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.layout == "first":
             if self.acc is None:
                 return tuple(torch.zeros(self.row, dtype=torch.float64) for _ in range(3))
             return tuple(a.cpu() for a in self.acc)
-        cats = [torch.cat(p).cpu() if p else torch.zeros(0, dtype=torch.float64)
-                for p in self.parts]
+        sums = (self.sums[:, :self.done].cpu() if self.sums is not None
+                else torch.zeros((3, 0), dtype=torch.float64))
         if self.layout == "whole":
             return tuple(torch.tensor([math.fsum(c.tolist())], dtype=torch.float64)
-                         for c in cats)
-        return tuple(cats)
+                         for c in sums)
+        return tuple(c.clone() for c in sums)
 
 
 def nuslerp_coefficients(t: float, s00: torch.Tensor, s11: torch.Tensor,

@@ -31,6 +31,19 @@ def progress_bar(quiet: bool, what: str):
     return bar, lambda done, total: bar.update(task, completed=done, total=total)
 
 
+def run_pass(what: str, quiet: bool, out: Path, dtype: str, call) -> None:
+    """``call(out_dtype, progress)`` under a progress bar (``--dtype`` parsed first, so a bad
+    one is refused before any model loads), then "wrote OUT"."""
+    from mergekit_like.console import err_console
+    from mergekit_like.runtime.calibration import parse_dtype
+
+    out_dtype = parse_dtype(dtype, "--dtype")
+    bar, progress = progress_bar(quiet, what)
+    with bar:
+        call(out_dtype, progress)
+    err_console.print(f"wrote {out}")
+
+
 @importance_app.command()
 def fisher(
     model: Path = typer.Option(..., "--model", help="The reasoning model (local folder)."),
@@ -44,17 +57,12 @@ def fisher(
     overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ) -> None:
     """F_j = mean over texts of (g·θ)² (or g²): the reasoning prior."""
-    from mergekit_like.console import err_console
-    from mergekit_like.rcp.importance import PassSettings, fisher_pass, parse_dtype
+    from mergekit_like.rcp.importance import PassSettings, fisher_pass
 
-    out_dtype = parse_dtype(dtype, "--dtype")
     settings = PassSettings(max_length, text_field, device, model_dtype, not no_checkpointing,
                             out_shard_size, overwrite)
-    bar, progress = progress_bar(quiet, "fisher")
-    with bar:
-        fisher_pass(model, data, out, kind=kind, settings=settings, out_dtype=out_dtype,
-                    progress=progress)
-    err_console.print(f"wrote {out}")
+    run_pass("fisher", quiet, out, dtype, lambda out_dtype, progress: fisher_pass(
+        model, data, out, kind=kind, settings=settings, out_dtype=out_dtype, progress=progress))
 
 
 @importance_app.command(name="rcp-votes")

@@ -18,7 +18,7 @@ from mergekit_like.zoo.quality_methods import RecipeMethod, run_merge_cli
 
 REASONING, DOMAIN = "chain", "cipher"
 CALIBRATION = 32
-PENALTY_LAMBDAS = (0.0, 1e3, 1e6, 1e9, float("inf"))
+PENALTY_LAMBDAS = (0.0, 1e3, 1e6, 1e7, 1e9, float("inf"))
 
 
 def _calibration(zoo: Zoo, task: str, out: Path) -> Path:
@@ -72,13 +72,19 @@ class RoleRow(RecipeMethod):
 
 
 DOMAIN_SCALES = (0.5, 1.0)
+RCP_DOMAIN_SCALES = (1.0, 2.0, 2.5)
+"""RCP adds δ_domain on a scattered minority of the weights (2–48 % with vote_threshold 0, by λ);
+scaling it up makes up for the weights it leaves out (docs/quality.md §4)."""
+VOTE_THRESHOLDS = (0.0, -CALIBRATION / 2)
+"""0: most domain texts must vote for a weight (the code's default); −K/2: more than a quarter."""
 RCP_ROWS = [
     RecipeMethod("task_arithmetic", "task_arithmetic", {"weight": 1.0},
                  sweep={"lambda": (0.2, 0.3, 0.5, 0.7, 1.0)}),
     RecipeMethod("ties", "ties", {"weight": 1.0},
                  sweep={"density": (0.1, 0.3, 0.5, 0.7), "lambda": (0.5, 1.0)}),
     RoleRow("rcp", "rcp", {}, sweep={"penalty_lambda": PENALTY_LAMBDAS,
-                                     "domain_scale": DOMAIN_SCALES}, votes=True),
+                                     "domain_scale": RCP_DOMAIN_SCALES,
+                                     "vote_threshold": VOTE_THRESHOLDS}, votes=True),
     RoleRow("rcp_approx", "rcp_approx", {}, sweep={"approx_lambda": (0.5, 1.0, 2.0),
                                                    "domain_scale": DOMAIN_SCALES}),
 ]

@@ -10,8 +10,8 @@ import pytest
 from support.zoo_fixture import fast_zoo  # noqa: F401  (session fixture)
 
 from mergekit_like.zoo.quality import run_quality
-from mergekit_like.zoo.quality_rcp import (DOMAIN, DOMAIN_SCALES, PENALTY_LAMBDAS, RCP_ROWS,
-                                           REASONING, format_gains, gains)
+from mergekit_like.zoo.quality_rcp import (DOMAIN, PENALTY_LAMBDAS, RCP_DOMAIN_SCALES, RCP_ROWS,
+                                           REASONING, VOTE_THRESHOLDS, format_gains, gains)
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,11 @@ def test_rows_and_candidates(report):
     assert labels[-4:] == ["task_arithmetic", "ties", "rcp", "rcp_approx"]
     assert report.merged == [REASONING, DOMAIN]
     rcp = report.rows[labels.index("rcp")]
-    swept = [(p["penalty_lambda"], p["domain_scale"]) for p, _ in rcp.validation[0]]
-    assert swept == [(lam, s) for lam in PENALTY_LAMBDAS for s in DOMAIN_SCALES]
+    swept = [(p["penalty_lambda"], p["domain_scale"], p["vote_threshold"])
+             for p, _ in rcp.validation[0]]
+    assert swept == [(lam, s, v) for lam in PENALTY_LAMBDAS for s in RCP_DOMAIN_SCALES
+                     for v in VOTE_THRESHOLDS]
+    assert VOTE_THRESHOLDS == (0.0, -16.0)      # −K/2 for the 32 domain texts
     for row in report.rows:
         assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in row.test.values())
 
