@@ -1,4 +1,4 @@
-"""MAGPRUNE's keep mask (``ops/della.py``) from a counting rank of each row.
+"""MAGPRUNE's keep mask (``ops/della.py``) from a bucketed rank of each row.
 
 ``ops.della.magprune_ranks`` ranks |δ| along each row with torch's stable float sort (argsort
 indices in int64, a scatter for the ranks), then ``magprune_piece_`` turns ranks into float64
@@ -6,9 +6,10 @@ probabilities, thresholds and SplitMix64 draws. Here, for tensors of 1 or 2 dims
 (float32 compute), each piece of whole rows goes to one compiled call
 (``della_rank.keep_rows``): δ = x − b straight from the stored bf16/float32 bits (or from
 torch's δ when a load rounding applies or the dtype is another), each row counted into
-monotone buckets of its magnitude bits instead of sorted, each entry's rank read off its
-bucket, its keep bit drawn against the rank's threshold (a table ``ops.della`` computes once
-per tensor), and the "l1" row sums made from the same keys. The keep mask (one bool per entry) is all that stays per model. Bit-equal to
+monotone buckets of its magnitude bits instead of sorted, each entry's keep bit drawn against
+the thresholds (a table ``ops.della`` computes once per tensor) of its bucket's rank range,
+the few entries that range leaves open ranked exactly, and the "l1" row sums made from the
+same keys. The keep mask (one bool per entry) is all that stays per model. Bit-equal to
 ``magprune_piece_`` with the ranks of ``magprune_ranks`` (tests/kernels/test_della_kernel.py,
 test_della_rank.py).
 """
@@ -32,7 +33,7 @@ from mergekit_like.ops.task_vectors import task_vector
 from mergekit_like.tensor_task import TensorTask
 
 MAX_ROW = 1 << 28
-"""Longest row the counting rank takes (its bucket indices are int32)."""
+"""Longest row the bucketed rank takes (its ranks and columns are uint32)."""
 
 
 def _smoke(loops) -> None:

@@ -1,6 +1,6 @@
 """numba loops behind ``kernels/della.py`` (imported on first use, like ``fused_loops``).
 
-The counting rank and keep bits of each row, with the "l1" row sums, are ``della_rank``'s
+The bucketed rank and keep bits of each row, with the "l1" row sums, are ``della_rank``'s
 ``keep_rows`` (its ``Work`` holds a thread's arrays); this module is the one ``LazyLoops``
 imports, so both come from here. ``l1_terms`` gives the float64 terms of the "l1" rescale's
 sums for a piece whose row sums ``keep_rows`` could not make exactly (torch sums them).

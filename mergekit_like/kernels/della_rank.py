@@ -4,31 +4,32 @@ A row's rank order is that of the keys k = bits(|δ|) (uint32: for non-negative 
 pattern orders like the value), equal keys ranked by decreasing column (the lowest index ranks
 highest, ``ops.della.magprune_ranks``). ``keep_rows`` counts each row instead of sorting it:
 
-1. buckets (``_plan``, once per piece from its first row): each binade e = k >> 23 gets 2^j
-   consecutive buckets, bucket(k) = off[e] + (mantissa >> (23 − j)), monotone in k; j = the
-   mantissa bits its values use, at most about log2 of its count (2^j ≤ its count); each run
-   of binades absent there shares one bucket. The plan sets only the speed, never a bit;
-2. one pass (``_scan``): δ = x − b as float32 from the stored bits (or δ given), its key, its
-   bucket q, seen = #(earlier columns in q) (the count before this entry's increment), and
-   whether q may hold different keys ("loose": a key with mantissa bits below the bucket's
-   resolution, or a shared bucket); a prefix sum (``_tops``) gives each bucket its top rank;
+1. keys (``_keys``): δ = x − b as float32 from the stored bits (or δ given), k_c = bits(|δ_c|),
+   and the row's largest key;
+2. buckets (``bucket_shape``): bucket(k) = min(max(k >> S, lo) − lo, B − 1) with
+   lo = max((k_max >> S) − (B − 1), 0): 2^(23 − S) buckets per binade over the row's top
+   B·2^(S − 23) binades (about m/16 per binade, 12 binades), the keys below them in bucket 0.
+   Monotone in k, so an entry's rank lies in its bucket's range [low(q), low(q + 1) − 1];
+   a histogram (``_hist``) and its prefix sum (``_prefix``) give low. The shape sets only the
+   speed, never a bit;
 3. the row's draws u_j (``ops.drop``'s SplitMix64 of flat index j, one vectorised pass), then
-   column order (``_assign``): u_j below the lowest rank's threshold keeps and u_j not below
-   the highest rank's drops whatever the rank (about 1 − 2ε of the entries, settled without a
-   load); for the rest, in a bucket that is not loose all keys are equal, so an entry's rank
-   is top(q) − seen (among equal keys the lowest column ranks highest), and its keep bit
-   u_j < threshold[rank]. In a
-   loose bucket the rank lies in [low(q), top(q)]: thresholds rise with the rank, so the bit is
-   known unless threshold[low] ≤ u_j < threshold[top] (rare: a few entries per row);
-4. those open entries get their exact rank by counting the row (``_settle``):
-   #(k_j < k_c, j < c) + #(k_j ≤ k_c, j > c).
+   column order (``_assign``): thresholds rise with the rank, so u_j below the lowest rank's
+   threshold keeps and u_j not below the highest rank's drops whatever the rank (about 1 − 2ε
+   of the entries, settled without a load); for the rest ("mid"), the bit is known unless
+   threshold[low(q)] ≤ u_j < threshold[low(q + 1) − 1]: those entries stay "open" (a few per
+   row, more where many entries share a bucket: equal keys, or a row whose keys span more
+   binades than the buckets cover);
+4. each open entry gets its exact rank (``_settle``): #(k_j < k_c) + #(k_j = k_c, j > c),
+   counted over the row, or, when a row has more than ``OPEN_CAP`` open entries (all-equal or
+   all-zero rows), looked up in the row's sorted (key, −column) pairs.
 
 The "l1" row sums Σ|δ| and Σ|keep·δ| (float64) come from the same keys (``_l1``). They are
 exact when the row's total is below 2⁵³ units of its smallest binade's float32 ulp (then every
 partial sum of these non-negative float32 values is a float64, in any order, so they equal
 torch's row sums); ``keep_rows`` says when a row is not, and the caller sums that piece with
 torch. Bit-equal to the ranks of torch's stable sort for finite δ (tests/kernels/
-test_della_rank.py); ±0.0 is one key.
+test_della_rank.py); ±0.0 is one key. Indices are unsigned where they can be: a signed index
+costs numba's wrap-around select on every load.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import math
 
 import numpy as np
 from numba import njit, types
-from numba.cpython.unsafe.numbers import leading_zeros, trailing_zeros
 from numba.extending import overload
 
 from mergekit_like.kernels.fused_loops import _bits_to_f32, _f32, _f32_to_bits, _select
@@ -47,34 +47,37 @@ _JIT = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False)
 # numba's disk cache is keyed on this file: ops.drop's constants are frozen in at compile time
 _GOLDEN, _MIX1, _MIX2 = np.uint64(GOLDEN), np.uint64(MIX1), np.uint64(MIX2)
 _U_SHIFT = np.uint64(U_SHIFT)
-_MANT = np.uint32(0x7FFFFF)
-_LOW = np.uint64(0xFFFFFFFF)
-_LOOSE = np.uint32(0x80000000)          # a bucket count's flag: it may hold several keys
-SPREAD = -1                             # buckets per binade ≤ 2^(bit length of its count + this)
+_ONE = np.uint32(1)
+_LOW32 = np.uint64(0xFFFFFFFF)
+SPAN = 4                                # buckets per binade: 2^(bit length of m − 1 − SPAN)
+BINADES = 12                            # binades the buckets cover below the row's largest key
+OPEN_CAP = 32                           # open entries a row counts one by one (else: sort)
 
 
-def bucket_slots(m: int) -> int:
-    """Buckets a row of m entries may use (the plan's bound, see ``_plan``)."""
-    return (2 << max(SPREAD, 0)) * m + 512
+def bucket_shape(m: int) -> tuple[int, int]:
+    """(S, B) for rows of m entries: bucket(k) uses the key's top 32 − S bits, B buckets."""
+    j = max(0, min(23, m.bit_length() - 1 - SPAN))
+    return 23 - j, BINADES << j
 
 
 class Work:
     """One thread's work arrays of ``keep_rows`` for rows of m entries (reused across pieces):
-    keys uint32 [m], slot uint64 [m], per bucket count uint32 (all zero between rows) and low
-    uint32 [``bucket_slots(m)``], open int64 [m], plan uint64 [256], draws int32 [m]."""
+    keys uint32 [m], per bucket count uint32 [B] (all zero between rows) and low uint32
+    [B + 1], open uint32 [m], draws int32 [m], pairs uint64 [m] (the sorted fallback)."""
 
     def __init__(self, m: int):
         self.m = m
+        self.shift, self.buckets = bucket_shape(m)
         self.keys = np.empty(m, np.uint32)
-        self.slot = np.empty(m, np.uint64)
-        self.count = np.zeros(bucket_slots(m), np.uint32)
-        self.low = np.empty(bucket_slots(m), np.uint32)
-        self.open = np.empty(m, np.int64)
-        self.plan = np.zeros(256, np.uint64)
+        self.count = np.zeros(self.buckets, np.uint32)
+        self.low = np.zeros(self.buckets + 1, np.uint32)
+        self.open = np.empty(m, np.uint32)
         self.draws = np.empty(m, np.int32)
+        self.pairs = np.empty(m, np.uint64)
 
     def arrays(self) -> tuple:
-        return self.keys, self.slot, self.count, self.low, self.open, self.plan, self.draws
+        return (np.uint32(self.shift), np.uint32(self.buckets), self.keys, self.count, self.low,
+                self.open, self.draws, self.pairs)
 
 
 def _delta(x, b, i):  # pragma: no cover - replaced by the overload inside compiled code
@@ -110,80 +113,6 @@ def _draw(key, j):  # pragma: no cover - compiled
 
 
 @njit(**_JIT)
-def _plan(x, b, m, plan, counts, bits):  # pragma: no cover - compiled
-    """plan[e] = first bucket << 6 | shared << 5 | mantissa shift of binade e, from row 0 of
-    x − b: a binade with n entries there gets 2^j buckets, j = min(its values' mantissa bits,
-    bit length of n + SPREAD); each run of binades absent there shares one bucket (``shared``:
-    its keys may differ in the exponent). ``counts``, ``bits``: int64 [256] scratch. Returns
-    the number of buckets."""
-    counts[:] = 0
-    bits[:] = 0
-    for c in range(m):
-        k = _f32_to_bits(abs(_delta(x, b, c)))
-        e = np.int64(k >> np.uint32(23))
-        counts[e] += 1
-        bits[e] |= np.int64(k & _MANT)
-    nb = np.int64(0)
-    for e in range(256):
-        n = counts[e]
-        if n == 0:
-            if e > 0 and counts[e - 1] == 0:
-                plan[e] = plan[e - 1]           # the run's one bucket
-            else:
-                plan[e] = (nb << np.int64(6)) | np.int64(32 + 23)
-                nb += 1
-            continue
-        need = 0 if bits[e] == 0 else 23 - np.int64(trailing_zeros(np.uint64(bits[e])))
-        room = max(0, 64 - np.int64(leading_zeros(np.uint64(n))) + SPREAD)
-        j = min(need, room)
-        plan[e] = (nb << np.int64(6)) | np.int64(23 - j)
-        nb += np.int64(1) << j
-    return nb
-
-
-@njit(**_JIT)
-def _bucket(plan, k):  # pragma: no cover - compiled
-    """(bucket of key k as uint64, whether k may differ from its bucket's other keys: mantissa
-    bits below the bucket's resolution, or a shared bucket)."""
-    p = plan[k >> np.uint32(23)]
-    shift = p & np.uint64(31)
-    mant = np.uint64(k & _MANT)
-    loose = ((mant & ((np.uint64(1) << shift) - np.uint64(1))) | (p & np.uint64(32))) != 0
-    return (p >> np.uint64(6)) + (mant >> shift), loose
-
-
-@njit(**_JIT)
-def _scan(xs, bs, m, plan, keys, slot, count):  # pragma: no cover - compiled
-    """One row (xs, bs: its slices): keys[c] = bits(|δ|), slot[c] = its bucket << 32 |
-    #(earlier columns in that bucket); each bucket's count (bit 31: it may hold several
-    values). Returns the smallest non-zero binade (255 when none)."""
-    emin = np.uint32(255)
-    for c in range(m):
-        k = _f32_to_bits(abs(_delta(xs, bs, c)))
-        keys[c] = k
-        q, loose = _bucket(plan, k)
-        old = count[q]
-        count[q] = (old + np.uint32(1)) | _select(loose, _LOOSE, np.uint32(0))
-        slot[c] = (q << np.uint64(32)) | np.uint64(old & ~_LOOSE)
-        emin = min(emin, _select(k == np.uint32(0), np.uint32(255), k >> np.uint32(23)))
-    return np.int64(emin)
-
-
-@njit(**_JIT)
-def _tops(nb, count, low):  # pragma: no cover - compiled
-    """count[q] ← the bucket's highest rank (bit 31 kept: it may hold several values); low[q]
-    its lowest rank for those that may."""
-    run = np.uint32(0)
-    for q in range(nb):
-        cq = count[q]
-        n = cq & ~_LOOSE
-        count[q] = (run + n - np.uint32(1)) | (cq & _LOOSE)
-        if cq & _LOOSE:
-            low[q] = run
-        run += n
-
-
-@njit(**_JIT)
 def _row_draws(key, j0, m, u):  # pragma: no cover - compiled (vectorises: no loads)
     """u[c] = u_{j0+c}, the row's draws (24 bits, int32)."""
     for c in range(m):
@@ -191,51 +120,120 @@ def _row_draws(key, j0, m, u):  # pragma: no cover - compiled (vectorises: no lo
 
 
 @njit(**_JIT)
-def _assign(m, thresholds, slot, top, low, u, keep, open_):  # pragma: no cover - compiled
-    """Column order over one row (keep: its slice; u: its draws). Thresholds rise with the rank,
-    so u below the lowest rank's keeps and u not below the highest rank's drops whatever the
-    rank: one branch-free pass settles those (about 1 − 2ε of the row) and gathers the rest,
-    "mid", into ``open_``. A mid entry of a single-valued bucket has rank top − seen (the
-    lowest column of equal keys ranks highest) and keep bit u < threshold[rank]; in a loose
-    bucket the bit is known when u is below the threshold of its lowest rank or not below that
-    of its highest, else the column stays in ``open_`` (at the front). Returns how many did."""
+def _keys(xs, bs, m, keys):  # pragma: no cover - compiled (vectorises)
+    """keys[c] = bits(|δ_c|) of one row (xs, bs: its slices); returns the largest key."""
+    top = np.uint32(0)
+    for c in range(m):
+        k = _f32_to_bits(abs(_delta(xs, bs, c)))
+        keys[c] = k
+        top = max(top, k)
+    return top
+
+
+@njit(**_JIT)
+def _floor(top, shift, nb):  # pragma: no cover - compiled
+    """lo: the row's bucket 0 holds the keys with k >> S ≤ lo (uint32)."""
+    high = top >> shift
+    return np.uint32(high - (nb - _ONE)) if high >= nb - _ONE else np.uint32(0)
+
+
+@njit(**_JIT)
+def _bucket(k, shift, lo, last):  # pragma: no cover - compiled
+    """The bucket of key k: min(max(k >> S, lo) − lo, B − 1), monotone in k."""
+    return min(max(k >> shift, lo) - lo, last)
+
+
+@njit(**_JIT)
+def _hist(m, keys, shift, lo, last, count):  # pragma: no cover - compiled
+    for c in range(m):
+        count[_bucket(keys[c], shift, lo, last)] += _ONE
+
+
+@njit(**_JIT)
+def _prefix(nb, count, low):  # pragma: no cover - compiled
+    """low[q] = #(entries in buckets below q), low[B] = m; count zeroed for the next row."""
+    run = np.uint32(0)
+    for q in range(nb):
+        low[q] = run
+        run += count[q]
+        count[q] = 0
+    low[nb] = run
+
+
+@njit(**_JIT)
+def _assign(m, thresholds, keys, shift, lo, last, low, u, keep, open_):  # pragma: no cover
+    """Column order over one row (keep: its slice; u: its draws). One branch-free pass settles
+    the entries whose draw decides the bit at any rank and gathers the rest, "mid", into
+    ``open_``; a mid entry in bucket q keeps when u < threshold[low(q)], drops when
+    u ≥ threshold[low(q + 1) − 1], else stays in ``open_`` (at the front). Returns how many."""
     t_lo, t_hi = thresholds[0], thresholds[m - 1]
-    nmid = 0
+    nmid = np.uint64(0)
     for c in range(m):
         uc = u[c]
         keep[c] = uc < t_lo
-        open_[nmid] = c
-        nmid += np.int64((uc >= t_lo) & (uc < t_hi))
-    nopen = 0
+        open_[nmid] = np.uint32(c)
+        nmid += np.uint64((uc >= t_lo) & (uc < t_hi))
+    nopen = np.uint64(0)
     for i in range(nmid):
         c = open_[i]
-        sl = slot[c]
-        q = sl >> np.uint64(32)
-        t = top[q]
+        q = _bucket(keys[c], shift, lo, last)
+        floor_t = thresholds[low[q]]
         uc = u[c]
-        if t & _LOOSE:
-            lo = thresholds[low[q]]
-            if uc >= lo and uc < thresholds[t & ~_LOOSE]:
-                open_[nopen] = c                # nopen ≤ i: the mid list is read ahead of it
-                nopen += 1
-            keep[c] = uc < lo
-        else:
-            keep[c] = uc < thresholds[t - np.uint32(sl & _LOW)]
+        open_[nopen] = c                    # nopen ≤ i: the mid list is read ahead of it
+        nopen += np.uint64((uc >= floor_t) & (uc < thresholds[low[q + _ONE] - _ONE]))
+        keep[c] = uc < floor_t
     return nopen
 
 
 @njit(**_JIT)
-def _settle(m, j0, key, thresholds, keys, open_, nopen, keep):  # pragma: no cover - compiled
-    """The exact rank of each open entry: #(k_j < k_c, j < c) + #(k_j ≤ k_c, j > c)."""
+def _count_below(keys, k):  # pragma: no cover - compiled (vectorises)
+    n = 0
+    for j in range(keys.size):
+        n += keys[j] < k
+    return n
+
+
+@njit(**_JIT)
+def _count_equal(keys, k):  # pragma: no cover - compiled (vectorises)
+    n = 0
+    for j in range(keys.size):
+        n += keys[j] == k
+    return n
+
+
+@njit(**_JIT)
+def _pair(k, c):  # pragma: no cover - compiled
+    """(key, −column) as one uint64: ascending pairs are ascending ranks."""
+    return (np.uint64(k) << np.uint64(32)) | (_LOW32 - np.uint64(c))
+
+
+@njit(**_JIT)
+def _settle(m, j0, key, thresholds, keys, open_, nopen, keep, pairs):  # pragma: no cover
+    """The exact rank of each open entry: #(k_j < k_c) + #(k_j = k_c, j > c), counted; for
+    more than ``OPEN_CAP`` of them, the position of (k_c, −c) among the row's sorted pairs."""
+    if nopen <= OPEN_CAP:
+        for i in range(nopen):
+            c = open_[i]
+            k = keys[c]
+            r = _count_below(keys, k) + _count_equal(keys[c + _ONE:], k)
+            keep[c] = _draw(key, j0 + c) < thresholds[r]
+        return
+    for c in range(m):
+        pairs[c] = _pair(keys[c], c)
+    pairs.sort()
     for i in range(nopen):
         c = open_[i]
-        k = keys[c]
-        r = np.int64(0)
-        for j in range(c):
-            r += np.int64(keys[j] < k)
-        for j in range(c + 1, m):
-            r += np.int64(keys[j] <= k)
+        r = np.searchsorted(pairs, _pair(keys[c], c))
         keep[c] = _draw(key, j0 + c) < thresholds[r]
+
+
+@njit(**_JIT)
+def _emin(keys):  # pragma: no cover - compiled (vectorises)
+    """The smallest non-zero key's binade (255 when every key is 0)."""
+    least = np.uint32(0xFFFFFFFF)
+    for c in range(keys.size):
+        least = min(least, keys[c] - _ONE)  # 0 wraps to the largest
+    return 255 if least == np.uint32(0xFFFFFFFF) else np.int64((least + _ONE) >> np.uint32(23))
 
 
 @njit(nogil=True, cache=True, error_model="numpy", boundscheck=False, fastmath={"reassoc"})
@@ -251,26 +249,27 @@ def _l1(m, keys, keep):  # pragma: no cover - compiled (exact sums: any order is
 
 
 @njit(**_JIT)
-def keep_rows(x, b, m, j0, key, thresholds, keep, full, kept, l1, keys, slot, count, low, open_,
-              plan, u):  # pragma: no cover - compiled
+def keep_rows(x, b, m, j0, key, thresholds, keep, full, kept, l1, shift, nb, keys, count, low,
+              open_, u, pairs):  # pragma: no cover - compiled
     """MAGPRUNE's keep bits of a piece of whole rows of m entries, δ = x − b (bf16 bits as
     uint16 or float32, flat, the piece's length) or δ = x (float32) when b is None; j0: the
-    flat index of its first entry; key: the draw key (uint64); thresholds [m] (int32 or int64)
+    flat index of its first entry; key: the draw key (uint64); thresholds [m] (int32)
     = floor(p(r)·2²⁴) per rank r; keep (flat bool, out); with ``l1``, full and kept [rows]
     float64 (out): the row sums of |δ| and |keep·δ|. The rest: ``Work.arrays()``.
     Returns False when some row's sums may differ from torch's (not exact)."""
-    nb = _plan(x, b, m, plan, np.empty(256, np.int64), np.empty(256, np.int64))
     exact = True
+    last = nb - _ONE
     for r in range(x.size // m):
         s = r * m
         row = keep[s:s + m]
-        emin = _scan(x[s:s + m], _rows(b, s, m), m, plan, keys, slot, count)
-        _tops(nb, count, low)
+        top = _keys(x[s:s + m], _rows(b, s, m), m, keys)
+        lo = _floor(top, shift, nb)
+        _hist(m, keys, shift, lo, last, count)
+        _prefix(nb, count, low)
         _row_draws(key, j0 + s, m, u)
-        nopen = _assign(m, thresholds, slot, count, low, u, row, open_)
-        count[:nb] = 0
-        _settle(m, j0 + s, key, thresholds, keys, open_, nopen, row)
+        nopen = _assign(m, thresholds, keys, shift, lo, last, low, u, row, open_)
+        _settle(m, j0 + s, key, thresholds, keys, open_, nopen, row, pairs)
         if l1:
             full[r], kept[r] = _l1(m, keys, row)
-            exact &= full[r] < math.ldexp(1.0, max(emin, 1) - 97)
+            exact &= full[r] < math.ldexp(1.0, max(_emin(keys), 1) - 97)
     return exact

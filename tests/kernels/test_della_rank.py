@@ -1,13 +1,14 @@
-"""kernels/della_rank.py's counting rank gives torch's stable-sort ranks index for index, and its
+"""kernels/della_rank.py's bucketed rank gives torch's stable-sort ranks index for index, and its
 "l1" row sums the bits of the adapter's torch sums.
 
 The rank is read back through the keep bits: with the step table thresholds[r] = 2²⁴ for r ≥ R
 and 0 below (non-decreasing, as MAGPRUNE's are), keep_j = [r_j ≥ R] whatever the draw, and
 r_j = Σ_{R=1}^{m−1} [r_j ≥ R]. A step inside a bucket that may hold several values leaves its
 entries "open" (the keep bit unknown from the bucket's rank range), so both the bucket rank
-and the exact count of ``_settle`` are checked. Rows: float32 with distinct magnitudes, bf16 grids with
-many ties, ±0.0 and exact zeros, all-equal rows, subnormals, rows whose scale differs from the
-first (sample) row's (binades the plan did not see), lengths 1, 2, 3, 7, 257, 1000, 4096.
+and the exact ranks of ``_settle`` (counted, or sorted past ``OPEN_CAP``) are checked. Rows:
+float32 with distinct magnitudes, bf16 grids with many ties, ±0.0 and exact zeros, all-equal
+rows, subnormals, rows on scales from 1e-30 to 1e30, rows spanning more binades than the
+buckets cover (keys lumped in bucket 0), lengths 1, 2, 3, 7, 32, 33, 257, 1000, 4096.
 """
 
 from __future__ import annotations
@@ -78,6 +79,15 @@ def counted_ranks(delta: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("m", [1, 2, 3, 7, 257, 1000])
 def test_ranks_index_for_index(kind, m):
     delta = rows_of(kind, 9, m, seed=m)
+    assert torch.equal(counted_ranks(delta), magprune_ranks(delta))
+
+
+@pytest.mark.parametrize("kind", ["equal", "ties", "zeros"])
+@pytest.mark.parametrize("m", [della_rank.OPEN_CAP, della_rank.OPEN_CAP + 1])
+def test_both_ways_of_settling_open_entries(kind, m):
+    """A row whose entries share one bucket leaves every entry open under a step table: up to
+    OPEN_CAP of them are counted one by one, more are looked up among the sorted pairs."""
+    delta = rows_of(kind, 5, m, seed=m)
     assert torch.equal(counted_ranks(delta), magprune_ranks(delta))
 
 
