@@ -5,11 +5,12 @@ pattern orders like the value), equal keys ranked by decreasing column (the lowe
 highest, ``ops.della.magprune_ranks``). ``keep_rows`` counts each row instead of sorting it:
 
 1. keys (``_keys``): δ = x − b as float32 from the stored bits (or δ given), k_c = bits(|δ_c|),
-   and the row's largest key;
-2. buckets (``bucket_shape``): bucket(k) = min(max(k >> S, lo) − lo, B − 1) with
-   lo = max((k_max >> S) − (B − 1), 0): 2^(23 − S) buckets per binade over the row's top
-   B·2^(S − 23) binades (about m/16 per binade, 12 binades), the keys below them in bucket 0.
-   Monotone in k, so an entry's rank lies in its bucket's range [low(q), low(q + 1) − 1];
+   and the row's largest and smallest key (a row of one key, all zeros say, has ranks
+   m − 1 − c: ``_all_tied``);
+2. buckets (``bucket_shape``): exact zeros in bucket 0, every other key in
+   bucket(k) = 1 + min(max(k >> S, lo) − lo, B − 2) with lo = max((k_max >> S) − (B − 2), 0):
+   2^(23 − S) buckets per binade over the row's top binades (about m/16 per binade, 12
+   binades), the smaller keys in bucket 1. Monotone in k, so an entry's rank lies in its bucket's range [low(q), low(q + 1) − 1];
    a histogram (``_hist``) and its prefix sum (``_prefix``) give low. The shape sets only the
    speed, never a bit;
 3. the row's draws u_j (``ops.drop``'s SplitMix64 of flat index j, one vectorised pass), then
@@ -19,9 +20,10 @@ highest, ``ops.della.magprune_ranks``). ``keep_rows`` counts each row instead of
    threshold[low(q)] ≤ u_j < threshold[low(q + 1) − 1]: those entries stay "open" (a few per
    row, more where many entries share a bucket: equal keys, or a row whose keys span more
    binades than the buckets cover);
-4. each open entry gets its exact rank (``_settle``): #(k_j < k_c) + #(k_j = k_c, j > c),
-   counted over the row, or, when a row has more than ``OPEN_CAP`` open entries (all-equal or
-   all-zero rows), looked up in the row's sorted (key, −column) pairs.
+4. each open entry gets its exact rank (``_settle``): a zero's from one running count of the
+   row's zeros (rows of unchanged entries leave hundreds open in bucket 0), any other's as
+   #(k_j < k_c) + #(k_j = k_c, j > c) counted over the row, or, past ``OPEN_CAP`` of them
+   (rows of a few repeated values), looked up in the row's sorted (key, −column) pairs.
 
 The "l1" row sums Σ|δ| and Σ|keep·δ| (float64) come from the same keys (``_l1``). They are
 exact when the row's total is below 2⁵³ units of its smallest binade's float32 ulp (then every
@@ -121,26 +123,37 @@ def _row_draws(key, j0, m, u):  # pragma: no cover - compiled (vectorises: no lo
 
 @njit(**_JIT)
 def _keys(xs, bs, m, keys):  # pragma: no cover - compiled (vectorises)
-    """keys[c] = bits(|δ_c|) of one row (xs, bs: its slices); returns the largest key."""
+    """keys[c] = bits(|δ_c|) of one row (xs, bs: its slices); returns the largest and the
+    smallest key."""
     top = np.uint32(0)
+    bottom = np.uint32(0xFFFFFFFF)
     for c in range(m):
         k = _f32_to_bits(abs(_delta(xs, bs, c)))
         keys[c] = k
         top = max(top, k)
-    return top
+        bottom = min(bottom, k)
+    return top, bottom
 
 
 @njit(**_JIT)
-def _floor(top, shift, nb):  # pragma: no cover - compiled
-    """lo: the row's bucket 0 holds the keys with k >> S ≤ lo (uint32)."""
+def _all_tied(m, thresholds, u, keep):  # pragma: no cover - compiled (vectorises)
+    """A row of one key (all zeros, say): ranks m − 1 − c, the lowest column ranks highest."""
+    for c in range(m):
+        keep[c] = u[c] < thresholds[m - 1 - c]
+
+
+@njit(**_JIT)
+def _floor(top, shift, last):  # pragma: no cover - compiled
+    """lo: the row's bucket 1 holds the non-zero keys with k >> S ≤ lo (uint32)."""
     high = top >> shift
-    return np.uint32(high - (nb - _ONE)) if high >= nb - _ONE else np.uint32(0)
+    return np.uint32(high - last) if high >= last else np.uint32(0)
 
 
 @njit(**_JIT)
 def _bucket(k, shift, lo, last):  # pragma: no cover - compiled
-    """The bucket of key k: min(max(k >> S, lo) − lo, B − 1), monotone in k."""
-    return min(max(k >> shift, lo) - lo, last)
+    """The bucket of key k, monotone in k: 0 for k = 0 (exact zeros: one key, however many),
+    else 1 + min(max(k >> S, lo) − lo, B − 2)."""
+    return _select(k == np.uint32(0), np.uint32(0), _ONE + min(max(k >> shift, lo) - lo, last))
 
 
 @njit(**_JIT)
@@ -208,23 +221,39 @@ def _pair(k, c):  # pragma: no cover - compiled
 
 
 @njit(**_JIT)
-def _settle(m, j0, key, thresholds, keys, open_, nopen, keep, pairs):  # pragma: no cover
-    """The exact rank of each open entry: #(k_j < k_c) + #(k_j = k_c, j > c), counted; for
-    more than ``OPEN_CAP`` of them, the position of (k_c, −c) among the row's sorted pairs."""
-    if nopen <= OPEN_CAP:
-        for i in range(nopen):
+def _settle(m, thresholds, keys, u, open_, nopen, keep, pairs, zeros):  # pragma: no cover
+    """The exact rank of each open entry (``open_`` in column order; u: the row's draws;
+    ``zeros``: #(k = 0)).
+    A zero's is zeros − 1 − #(zeros before it), from one running count over the row; the
+    others' #(k_j < k_c) + #(k_j = k_c, j > c), counted, or for more than ``OPEN_CAP`` of
+    them the position of (k_c, −c) among the row's sorted pairs."""
+    rest = np.uint64(0)
+    seen = 0
+    start = np.uint64(0)
+    for i in range(nopen):
+        c = open_[i]
+        if keys[c] != np.uint32(0):
+            open_[rest] = c                 # rest ≤ i: the others move to the front
+            rest += np.uint64(1)
+            continue
+        seen += _count_equal(keys[start:c], np.uint32(0))
+        keep[c] = u[c] < thresholds[zeros - 1 - seen]
+        seen += 1
+        start = np.uint64(c) + np.uint64(1)
+    if rest <= OPEN_CAP:
+        for i in range(rest):
             c = open_[i]
             k = keys[c]
             r = _count_below(keys, k) + _count_equal(keys[c + _ONE:], k)
-            keep[c] = _draw(key, j0 + c) < thresholds[r]
+            keep[c] = u[c] < thresholds[r]
         return
     for c in range(m):
         pairs[c] = _pair(keys[c], c)
     pairs.sort()
-    for i in range(nopen):
+    for i in range(rest):
         c = open_[i]
         r = np.searchsorted(pairs, _pair(keys[c], c))
-        keep[c] = _draw(key, j0 + c) < thresholds[r]
+        keep[c] = u[c] < thresholds[r]
 
 
 @njit(**_JIT)
@@ -249,6 +278,16 @@ def _l1(m, keys, keep):  # pragma: no cover - compiled (exact sums: any order is
 
 
 @njit(**_JIT)
+def _rank_row(m, thresholds, keys, shift, lo, last, nb, count, low, u, keep, open_,
+              pairs):  # pragma: no cover - compiled
+    """Steps 2–4 for one row of keys with its draws u (keep: its slice)."""
+    _hist(m, keys, shift, lo, last, count)
+    _prefix(nb, count, low)
+    nopen = _assign(m, thresholds, keys, shift, lo, last, low, u, keep, open_)
+    _settle(m, thresholds, keys, u, open_, nopen, keep, pairs, low[1])
+
+
+@njit(**_JIT)
 def keep_rows(x, b, m, j0, key, thresholds, keep, full, kept, l1, shift, nb, keys, count, low,
               open_, u, pairs):  # pragma: no cover - compiled
     """MAGPRUNE's keep bits of a piece of whole rows of m entries, δ = x − b (bf16 bits as
@@ -258,17 +297,17 @@ def keep_rows(x, b, m, j0, key, thresholds, keep, full, kept, l1, shift, nb, key
     float64 (out): the row sums of |δ| and |keep·δ|. The rest: ``Work.arrays()``.
     Returns False when some row's sums may differ from torch's (not exact)."""
     exact = True
-    last = nb - _ONE
+    last = nb - np.uint32(2)                # the last non-zero bucket is 1 + last
     for r in range(x.size // m):
         s = r * m
         row = keep[s:s + m]
-        top = _keys(x[s:s + m], _rows(b, s, m), m, keys)
-        lo = _floor(top, shift, nb)
-        _hist(m, keys, shift, lo, last, count)
-        _prefix(nb, count, low)
+        top, bottom = _keys(x[s:s + m], _rows(b, s, m), m, keys)
         _row_draws(key, j0 + s, m, u)
-        nopen = _assign(m, thresholds, keys, shift, lo, last, low, u, row, open_)
-        _settle(m, j0 + s, key, thresholds, keys, open_, nopen, row, pairs)
+        if top == bottom:
+            _all_tied(m, thresholds, u, row)
+        else:
+            _rank_row(m, thresholds, keys, shift, _floor(top, shift, last), last, nb, count,
+                      low, u, row, open_, pairs)
         if l1:
             full[r], kept[r] = _l1(m, keys, row)
             exact &= full[r] < math.ldexp(1.0, max(_emin(keys), 1) - 97)

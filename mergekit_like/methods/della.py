@@ -3,8 +3,8 @@ drop, rescaled to the task vector's L1 norm, then TIES' sum sign consensus (``de
 (``della_linear``).
 
 The adapter of the task-vector form (``task_arithmetic.TaskVectorMethod``) with ``ops/della.py``
-as its sparsifier. Each model's keep mask is computed once per tensor (on CPU by one row sort of
-packed integer keys, ``kernels/della.py``; else the ranks of a row-wise sort of |δ|, kept as
+as its sparsifier. Each model's keep mask is computed once per tensor (on CPU by a bucketed
+rank of each row, ``kernels/della.py``; else the ranks of a row-wise sort of |δ|, kept as
 int32); the draw is DARE's counter-based SplitMix64 stream (same key), so every
 piece's mask depends only on (seed, model index, tensor name, flat index) and its rank.
 ``rescale: true`` is mergekit's rescale: the kept task vector is scaled back to the L1 norm it

@@ -7,8 +7,8 @@ r_j = Σ_{R=1}^{m−1} [r_j ≥ R]. A step inside a bucket that may hold several
 entries "open" (the keep bit unknown from the bucket's rank range), so both the bucket rank
 and the exact ranks of ``_settle`` (counted, or sorted past ``OPEN_CAP``) are checked. Rows:
 float32 with distinct magnitudes, bf16 grids with many ties, ±0.0 and exact zeros, all-equal
-rows, subnormals, rows on scales from 1e-30 to 1e30, rows spanning more binades than the
-buckets cover (keys lumped in bucket 0), lengths 1, 2, 3, 7, 32, 33, 257, 1000, 4096.
+and all-zero rows (one key), two repeated values, subnormals, rows on scales from 1e-30 to 1e30, rows spanning more binades than the
+buckets cover (keys lumped in bucket 0), lengths 1, 2, 3, 7, 64, 66, 257, 1000, 4096.
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ def rows_of(kind: str, rows: int, m: int, seed: int) -> torch.Tensor:
     elif kind == "equal":
         x = torch.full((rows, m), 0.5)
         x[:, ::2] = -0.5
+    elif kind == "unchanged":                   # δ = ±0 everywhere: one key
+        x = torch.zeros(rows, m)
+        x[:, ::3] = -0.0
+    elif kind == "two":                         # two values, each on half the row
+        x = torch.where(torch.arange(m) % 2 == 0, 0.5, -0.75).repeat(rows, 1)
     elif kind == "subnormal":
         x = x * 1e-39
         x[:, ::4] = 0.0
@@ -74,20 +79,19 @@ def counted_ranks(delta: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(ranks).view(rows, m)
 
 
-@pytest.mark.parametrize("kind", ["f32", "bf16", "ties", "zeros", "equal", "subnormal",
-                                  "scales", "wide"])
+@pytest.mark.parametrize("kind", ["f32", "bf16", "ties", "zeros", "equal", "unchanged",
+                                  "subnormal", "scales", "wide"])
 @pytest.mark.parametrize("m", [1, 2, 3, 7, 257, 1000])
 def test_ranks_index_for_index(kind, m):
     delta = rows_of(kind, 9, m, seed=m)
     assert torch.equal(counted_ranks(delta), magprune_ranks(delta))
 
 
-@pytest.mark.parametrize("kind", ["equal", "ties", "zeros"])
-@pytest.mark.parametrize("m", [della_rank.OPEN_CAP, della_rank.OPEN_CAP + 1])
-def test_both_ways_of_settling_open_entries(kind, m):
-    """A row whose entries share one bucket leaves every entry open under a step table: up to
-    OPEN_CAP of them are counted one by one, more are looked up among the sorted pairs."""
-    delta = rows_of(kind, 5, m, seed=m)
+@pytest.mark.parametrize("m", [2 * della_rank.OPEN_CAP, 2 * della_rank.OPEN_CAP + 2])
+def test_both_ways_of_settling_open_entries(m):
+    """A step among m/2 equal keys leaves all of them open: up to OPEN_CAP are counted one by
+    one, more are looked up among the row's sorted pairs."""
+    delta = rows_of("two", 3, m, seed=m)
     assert torch.equal(counted_ranks(delta), magprune_ranks(delta))
 
 
