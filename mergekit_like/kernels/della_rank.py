@@ -64,13 +64,15 @@ def bucket_shape(m: int) -> tuple[int, int]:
 
 class Work:
     """One thread's work arrays of ``keep_rows`` for rows of m entries (reused across pieces):
-    keys uint32 [m], per bucket count uint32 [B] (all zero between rows) and low uint32
-    [B + 1], open uint32 [m], draws int32 [m], pairs uint64 [m] (the sorted fallback)."""
+    keys and their buckets uint32 [m], per bucket count uint32 [B] (all zero between rows) and
+    low uint32 [B + 1], open uint32 [m], draws int32 [m], pairs uint64 [m] (the sorted
+    fallback)."""
 
     def __init__(self, m: int):
         self.m = m
         self.shift, self.buckets = bucket_shape(m)
         self.keys = np.empty(m, np.uint32)
+        self.qs = np.empty(m, np.uint32)
         self.count = np.zeros(self.buckets, np.uint32)
         self.low = np.zeros(self.buckets + 1, np.uint32)
         self.open = np.empty(m, np.uint32)
@@ -78,8 +80,8 @@ class Work:
         self.pairs = np.empty(m, np.uint64)
 
     def arrays(self) -> tuple:
-        return (np.uint32(self.shift), np.uint32(self.buckets), self.keys, self.count, self.low,
-                self.open, self.draws, self.pairs)
+        return (np.uint32(self.shift), np.uint32(self.buckets), self.keys, self.qs, self.count,
+                self.low, self.open, self.draws, self.pairs)
 
 
 def _delta(x, b, i):  # pragma: no cover - replaced by the overload inside compiled code
@@ -157,9 +159,15 @@ def _bucket(k, shift, lo, last):  # pragma: no cover - compiled
 
 
 @njit(**_JIT)
-def _hist(m, keys, shift, lo, last, count):  # pragma: no cover - compiled
+def _buckets(m, keys, shift, lo, last, qs):  # pragma: no cover - compiled (vectorises)
     for c in range(m):
-        count[_bucket(keys[c], shift, lo, last)] += _ONE
+        qs[c] = _bucket(keys[c], shift, lo, last)
+
+
+@njit(**_JIT)
+def _hist(m, qs, count):  # pragma: no cover - compiled
+    for c in range(m):
+        count[qs[c]] += _ONE
 
 
 @njit(**_JIT)
@@ -174,7 +182,7 @@ def _prefix(nb, count, low):  # pragma: no cover - compiled
 
 
 @njit(**_JIT)
-def _assign(m, thresholds, keys, shift, lo, last, low, u, keep, open_):  # pragma: no cover
+def _assign(m, thresholds, qs, low, u, keep, open_):  # pragma: no cover - compiled
     """Column order over one row (keep: its slice; u: its draws). One branch-free pass settles
     the entries whose draw decides the bit at any rank and gathers the rest, "mid", into
     ``open_``; a mid entry in bucket q keeps when u < threshold[low(q)], drops when
@@ -189,7 +197,7 @@ def _assign(m, thresholds, keys, shift, lo, last, low, u, keep, open_):  # pragm
     nopen = np.uint64(0)
     for i in range(nmid):
         c = open_[i]
-        q = _bucket(keys[c], shift, lo, last)
+        q = qs[c]
         floor_t = thresholds[low[q]]
         uc = u[c]
         open_[nopen] = c                    # nopen ≤ i: the mid list is read ahead of it
@@ -278,18 +286,19 @@ def _l1(m, keys, keep):  # pragma: no cover - compiled (exact sums: any order is
 
 
 @njit(**_JIT)
-def _rank_row(m, thresholds, keys, shift, lo, last, nb, count, low, u, keep, open_,
+def _rank_row(m, thresholds, keys, shift, lo, last, nb, qs, count, low, u, keep, open_,
               pairs):  # pragma: no cover - compiled
     """Steps 2–4 for one row of keys with its draws u (keep: its slice)."""
-    _hist(m, keys, shift, lo, last, count)
+    _buckets(m, keys, shift, lo, last, qs)
+    _hist(m, qs, count)
     _prefix(nb, count, low)
-    nopen = _assign(m, thresholds, keys, shift, lo, last, low, u, keep, open_)
+    nopen = _assign(m, thresholds, qs, low, u, keep, open_)
     _settle(m, thresholds, keys, u, open_, nopen, keep, pairs, low[1])
 
 
 @njit(**_JIT)
-def keep_rows(x, b, m, j0, key, thresholds, keep, full, kept, l1, shift, nb, keys, count, low,
-              open_, u, pairs):  # pragma: no cover - compiled
+def keep_rows(x, b, m, j0, key, thresholds, keep, full, kept, l1, shift, nb, keys, qs, count,
+              low, open_, u, pairs):  # pragma: no cover - compiled
     """MAGPRUNE's keep bits of a piece of whole rows of m entries, δ = x − b (bf16 bits as
     uint16 or float32, flat, the piece's length) or δ = x (float32) when b is None; j0: the
     flat index of its first entry; key: the draw key (uint64); thresholds [m] (int32)
@@ -306,8 +315,8 @@ def keep_rows(x, b, m, j0, key, thresholds, keep, full, kept, l1, shift, nb, key
         if top == bottom:
             _all_tied(m, thresholds, u, row)
         else:
-            _rank_row(m, thresholds, keys, shift, _floor(top, shift, last), last, nb, count,
-                      low, u, row, open_, pairs)
+            _rank_row(m, thresholds, keys, shift, _floor(top, shift, last), last, nb, qs,
+                      count, low, u, row, open_, pairs)
         if l1:
             full[r], kept[r] = _l1(m, keys, row)
             exact &= full[r] < math.ldexp(1.0, max(_emin(keys), 1) - 97)
