@@ -10,9 +10,10 @@ highest, ``ops.della.magprune_ranks``). ``keep_rows`` counts each row instead of
 2. buckets (``bucket_shape``): exact zeros in bucket 0, every other key in
    bucket(k) = 1 + min(max(k >> S, lo) − lo, B − 2) with lo = max((k_max >> S) − (B − 2), 0):
    2^(23 − S) buckets per binade over the row's top binades (about m/16 per binade, 12
-   binades), the smaller keys in bucket 1. Monotone in k, so an entry's rank lies in its bucket's range [low(q), low(q + 1) − 1];
-   a histogram (``_hist``) and its prefix sum (``_prefix``) give low. The shape sets only the
-   speed, never a bit;
+   binades), the smaller keys in bucket 1. Monotone in k, so an entry's rank lies in its
+   bucket's range [low(q), low(q + 1) − 1]: the buckets (one vectorised pass), their histogram
+   (``_hist``) and its prefix sum (``_prefix``) give low. The shape sets only the speed, never
+   a bit;
 3. the row's draws u_j (``ops.drop``'s SplitMix64 of flat index j, one vectorised pass), then
    column order (``_assign``): thresholds rise with the rank, so u_j below the lowest rank's
    threshold keeps and u_j not below the highest rank's drops whatever the rank (about 1 − 2ε
@@ -231,10 +232,9 @@ def _pair(k, c):  # pragma: no cover - compiled
 @njit(**_JIT)
 def _settle(m, thresholds, keys, u, open_, nopen, keep, pairs, zeros):  # pragma: no cover
     """The exact rank of each open entry (``open_`` in column order; u: the row's draws;
-    ``zeros``: #(k = 0)).
-    A zero's is zeros − 1 − #(zeros before it), from one running count over the row; the
-    others' #(k_j < k_c) + #(k_j = k_c, j > c), counted, or for more than ``OPEN_CAP`` of
-    them the position of (k_c, −c) among the row's sorted pairs."""
+    ``zeros``: #(k = 0)). A zero's is zeros − 1 − #(zeros before it), from one running count
+    over the row; the others' #(k_j < k_c) + #(k_j = k_c, j > c), counted, or for more than
+    ``OPEN_CAP`` of them the position of (k_c, −c) among the row's sorted pairs."""
     rest = np.uint64(0)
     seen = 0
     start = np.uint64(0)
