@@ -7,8 +7,9 @@ r_j = Σ_{R=1}^{m−1} [r_j ≥ R]. A step inside a bucket that may hold several
 entries "open" (the keep bit unknown from the bucket's rank range), so both the bucket rank
 and the exact ranks of ``_settle`` (counted, or sorted past ``OPEN_CAP``) are checked. Rows:
 float32 with distinct magnitudes, bf16 grids with many ties, ±0.0 and exact zeros, all-equal
-and all-zero rows (one key), two repeated values, subnormals, rows on scales from 1e-30 to 1e30, rows spanning more binades than the
-buckets cover (keys lumped in bucket 0), lengths 1, 2, 3, 7, 64, 66, 257, 1000, 4096.
+and all-zero rows (one key), two repeated values, subnormals, rows on scales from 1e-30 to 1e30,
+rows spanning more binades than the buckets cover (the smaller keys lumped in bucket 1), lengths
+1, 2, 3, 7, 64, 66, 257, 1000, 4096.
 """
 
 from __future__ import annotations
