@@ -82,12 +82,14 @@ def magprune_keep(task: TensorTask, x: torch.Tensor, key: int, density: float,
 
 
 def magprune(task: TensorTask, x: torch.Tensor, key: int, density: float, epsilon: float,
-             l1: bool) -> Keep:
+             l1: bool, out: torch.Tensor | None = None) -> Keep:
     """``magprune_keep``'s mask, and with ``l1`` the "l1" totals from the same pass over δ:
     the float64 row sums of |δ| and |keep·δ| (exact, hence torch's; a piece with a row that may
-    not be is summed by torch as the adapter's own pass would), summed exactly."""
+    not be is summed by torch as the adapter's own pass would), summed exactly. ``out``: a
+    flat bool buffer of numel entries to hold the mask (a reused one spares the page faults
+    of a new one); every entry is written."""
     m = rank_rows(task.shape)
-    run = _Run(task, x, m, key, rank_thresholds(m, density, epsilon), l1)
+    run = _Run(task, x, m, key, rank_thresholds(m, density, epsilon), l1, out)
     if len(task.shape) == 1:                  # one row: the whole tensor
         run.row_tensor()
     else:
@@ -103,10 +105,10 @@ class _Run:
     how δ is read (``direct``: from the stored bf16/float32 bits)."""
 
     def __init__(self, task: TensorTask, x: torch.Tensor, m: int, key: int,
-                 table: np.ndarray, l1: bool):
+                 table: np.ndarray, l1: bool, out: torch.Tensor | None):
         self.task, self.x, self.m, self.table, self.l1 = task, x, m, table, l1
         self.key = np.uint64(key)
-        self.keep = torch.empty(task.numel, dtype=torch.bool)
+        self.keep = torch.empty(task.numel, dtype=torch.bool) if out is None else out
         self.full = np.zeros(task.numel // m)
         self.kept = np.zeros(task.numel // m)
         self.direct = all(t.dtype in _RAW and t.is_contiguous() and task.load_rounding(t.dtype)

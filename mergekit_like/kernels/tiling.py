@@ -140,6 +140,33 @@ class Scratch:
         return buf[:n]
 
 
+class BufferPool:
+    """Flat buffers lent out during one tensor's merge and all taken back after it
+    (``release``), so that the next tensor reuses their pages: a fresh 50 MB mask costs about
+    60 ms of page faults on these VMs, a third of MAGPRUNE's keep pass. ``release`` keeps only
+    the buffers lent since the last one, so the pool never holds more than one tensor used."""
+
+    def __init__(self) -> None:
+        self._free: list[torch.Tensor] = []
+        self._lent: list[torch.Tensor] = []
+
+    def take(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat length-n view (contents undefined) of a buffer that nobody else holds until
+        ``release``: the smallest free one that fits, else a new one."""
+        fits = [k for k, b in enumerate(self._free) if b.dtype == dtype and b.numel() >= n]
+        if fits:
+            buf = self._free.pop(min(fits, key=lambda k: self._free[k].numel()))
+        else:
+            buf = torch.empty(n, dtype=dtype)
+        self._lent.append(buf)
+        return buf[:n]
+
+    def release(self) -> None:
+        """Take back every lent buffer (its views must no longer be used); the free buffers
+        that were not lent since the last release are dropped."""
+        self._free, self._lent = self._lent, []
+
+
 def buffer(scratch: Scratch | None, slot: object, like: torch.Tensor,
            dtype: torch.dtype | None = None) -> torch.Tensor:
     """A flat work buffer shaped like flat ``like``: from ``scratch`` when given, else new."""

@@ -14,18 +14,22 @@ task-vector norms match mergekit's (docs/methods/della.md).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import torch
 
 from mergekit_like.kernels import della as fast
 from mergekit_like.kernels import fused_cpu
-from mergekit_like.kernels.tiling import Scratch
+from mergekit_like.kernels.tiling import BufferPool, Scratch
 from mergekit_like.methods.base import MethodSpec, ParamSpec, TensorTask
 from mergekit_like.methods.breadcrumbs import whole_delta
 from mergekit_like.methods.task_arithmetic import TaskVectorMethod, task_vector_params
 from mergekit_like.ops.della import epsilon_problem, magprune_piece_, magprune_ranks, rank_rows
 from mergekit_like.ops.drop import l1_factor, mask_key
+
+
+_MASKS = threading.local()
 
 
 class MagPrune:
@@ -35,7 +39,7 @@ class MagPrune:
     when they fit). The keep bits also run in the fused loops
     (``fused_sparsifier``)."""
 
-    def __init__(self, task: TensorTask, pos: int, density: float):
+    def __init__(self, task: TensorTask, pos: int, density: float, masks: BufferPool):
         self.key = mask_key(task.seed, task.input_indices[pos], task.name)
         self.density = density
         self.epsilon = float(task.model_params[pos]["epsilon"])
@@ -44,7 +48,8 @@ class MagPrune:
         self.keep = self.ranks = self.l1 = None
         if fast.supported(task):  # the keep bits themselves, bit-equal to the ranks' draw
             made = fast.magprune(task, task.inputs[pos], self.key, density, self.epsilon,
-                                 l1=task.params["rescale"] == "l1")
+                                 l1=task.params["rescale"] == "l1",
+                                 out=masks.take(task.numel, torch.bool))
             self.keep, self.l1 = made
             return
         delta = whole_delta(task, task.inputs[pos]).view(task.shape)
@@ -73,7 +78,17 @@ class _Della(TaskVectorMethod):
         return None
 
     def make_sparsifier(self, task: TensorTask, pos: int, density: float, scratch: Scratch):
-        return MagPrune(task, pos, density)
+        return MagPrune(task, pos, density, self._masks())
+
+    @staticmethod
+    def _masks() -> BufferPool:
+        """This thread's keep-mask buffers, reused tensor after tensor by every DELLA point of
+        a pass (a merge's tensors, and its sparsifiers, are made on the thread that calls
+        ``merge_tensor``)."""
+        pool = getattr(_MASKS, "pool", None)
+        if pool is None:
+            pool = _MASKS.pool = BufferPool()
+        return pool
 
     def warm_up(self, device: torch.device) -> None:
         super().warm_up(device)
@@ -84,7 +99,10 @@ class _Della(TaskVectorMethod):
         """``rescale: true`` runs as mergekit's L1 rescale (``"l1"``)."""
         if task.params["rescale"] is True:
             task = replace(task, params={**task.params, "rescale": "l1"})
-        return super().merge_tensor(task)
+        try:
+            return super().merge_tensor(task)
+        finally:                  # the output is computed: no mask of this tensor is used again
+            self._masks().release()
 
     def _delta_keeper(self, task: TensorTask) -> torch.Tensor | None:
         return None               # Δ depends on epsilon, which the grid memo key does not hold
