@@ -78,20 +78,31 @@ def run_pass(plans: list[MergePlan], outs: list[Path], options: MergeOptions,
     every plan's outputs are computed from it and written right away.
 
     The plans must share their sources and read the same tensors from them in the same
-    order (the grid groups its points so). ``isolate``: an error in one plan's merge or
-    write fails that output only (its partial folder removed) and is returned in its place;
+    order (the grid groups its points so). ``isolate``: an error in one plan's opening (its
+    output locked, say), merge or write fails that output only (its partial folder removed)
+    and is returned in its place;
     a read error fails them all. Without it (a single merge) errors propagate.
     ``extra_files[k]``: more side files (name → text) for output k, written before its check.
     ``accept_complete``: an output that already holds this run raises ``AlreadyComplete``."""
     threads = torch.get_num_threads()
     points: list[_Point] = []
+    slots: list[_Point | Exception] = []    # per plan: its point, or why it could not open
     try:
         for k, (plan, out) in enumerate(zip(plans, outs)):
-            points.append(_open_point(plan, Path(out), options, len(plans), accept_complete))
-            points[-1].extra = dict(extra_files[k]) if extra_files else {}
+            try:
+                pt = _open_point(plan, Path(out), options, len(plans), accept_complete)
+            except Exception as exc:
+                if not isolate:
+                    raise
+                slots.append(exc)              # this output fails alone (locked, say)
+                continue
+            pt.extra = dict(extra_files[k]) if extra_files else {}
+            points.append(pt)
+            slots.append(pt)
         for method in {id(pt.plan.method): pt.plan.method for pt in points}.values():
             method.warm_up(options.device)
-        _stream(points, options, progress, on_start, isolate)
+        if points:
+            _stream(points, options, progress, on_start, isolate)
         for pt in points:                       # side files, check, rename into place
             if pt.error is None:
                 _guard(pt, isolate, lambda pt=pt: _finish(pt))
@@ -104,10 +115,10 @@ def run_pass(plans: list[MergePlan], outs: list[Path], options: MergeOptions,
             raise
     finally:
         torch.set_num_threads(threads)
-    return [pt.error if pt.error is not None else
+    return [pt if isinstance(pt, Exception) else pt.error if pt.error is not None else
             MergeResult(pt.out, pt.groups[""], pt.done,
                         pt.plan.warnings + list(pt.folder.warnings), list(pt.plan.notes))
-            for pt in points]
+            for pt in slots]
 
 
 @dataclass

@@ -1,5 +1,14 @@
-"""The output folder's lock, ``.OUT.lock`` beside OUT (docs/output_format.md §5): created with
-O_CREAT|O_EXCL, it holds the owner's pid; a lock whose process is dead is stale and taken over."""
+"""The output folder's lock, ``.OUT.lock`` beside OUT (docs/output_format.md §5): it holds the
+owner's pid; a lock whose process is dead is stale and taken over.
+
+The lock appears with its pid already in it: the pid is written to ``.OUT.lock.<pid>.tmp``,
+which is then hard-linked as the lock (the link fails if a lock exists) and removed. A process
+killed at any point therefore leaves either no lock or one naming it, never an empty lock that
+a resume started right after would have to take as held. Where the filesystem has no hard
+links (or room for the temporary's longer name), the lock is created with O_CREAT|O_EXCL and
+the pid written after (an empty lock younger
+than ``_FRESH_LOCK_S`` is then taken as being written). A ``.tmp`` left by a killed process is
+removed by the next ``acquire``."""
 
 from __future__ import annotations
 
@@ -33,16 +42,47 @@ class OutputLock:
         """Create the lock holding this process's pid, taking over a stale one (noted in
         ``warnings``). A lock a live process holds is a MergeError; an OSError creating the file
         (read-only filesystem, no permission, name too long) propagates."""
+        self._remove_dead_temps()
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create()
             except FileExistsError:
                 self._remove_if_stale(warnings)
                 continue
-            self._write_pid(fd)
+            if self.owner() != os.getpid():  # pragma: no cover - lost a takeover race
+                raise MergeError(f"output {self.out} is locked by another process ({self.path})")
             self.held = True
             return
         raise MergeError(f"could not take the lock {self.path}")
+
+    def _temp(self, pid: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{pid}.tmp")
+
+    def _create(self) -> None:
+        """Make the lock file holding this pid (FileExistsError when a lock exists)."""
+        temp = self._temp(os.getpid())
+        try:
+            self._write_pid(os.open(temp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644))
+        except OSError:          # e.g. a name at the length limit: no temp, the direct way
+            temp = None
+        if temp is not None:
+            try:
+                os.link(temp, self.path)
+                return
+            except FileExistsError:
+                raise
+            except OSError:      # no hard links here: the direct way
+                pass
+            finally:
+                temp.unlink(missing_ok=True)
+        self._write_pid(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+
+    def _remove_dead_temps(self) -> None:
+        """Remove the ``.tmp`` files of lock attempts whose process is dead."""
+        for temp in self.path.parent.glob(f"{self.path.name}.*.tmp"):
+            pid = temp.name[len(self.path.name) + 1:-len(".tmp")]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                temp.unlink(missing_ok=True)
 
     def _remove_if_stale(self, warnings: list[str]) -> None:
         """Remove the existing lock file unless it is held (its pid alive, or unreadable and
@@ -67,15 +107,13 @@ class OutputLock:
         except FileNotFoundError:
             pass
 
-    def _write_pid(self, fd: int) -> None:
-        """Write this process's pid into the newly created lock file ``fd`` and fsync it; a
-        different pid read back (another process took the lock over) is a MergeError."""
+    @staticmethod
+    def _write_pid(fd: int) -> None:
+        """Write this process's pid into the newly created file ``fd`` and fsync it."""
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(f"{os.getpid()}\n")
             f.flush()
             os.fsync(f.fileno())
-        if self.owner() != os.getpid():  # pragma: no cover - lost a takeover race
-            raise MergeError(f"output {self.out} is locked by another process ({self.path})")
 
     def release(self) -> None:
         """Remove the lock file if this object holds it and it still names this process."""

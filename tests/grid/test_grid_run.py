@@ -108,6 +108,33 @@ def test_failed_point_is_isolated(family, tmp_path, capsys, monkeypatch):
     assert "8 points: 6 ok, 2 failed, 0 skipped" in out
 
 
+def test_point_whose_output_is_locked_fails_alone_with_the_reason(family, tmp_path, capsys):
+    """A point whose output cannot be opened (locked by a live process) fails with that
+    reason; the other points of its pass are merged (engine.run_pass isolates the opening)."""
+    import os
+
+    root = tmp_path / "sweep"
+    path = grid_file(tmp_path, family)
+    assert run_cli(["grid", path, root], capsys)[0] == 0
+    want = {d.name: weights(d) for d in point_dirs(root)}
+    import shutil
+    victim = point_dirs(root)[1]
+    shutil.rmtree(victim)
+    lock = root / f".{victim.name}.lock"
+    lock.write_text(f"{os.getppid()}\n")                    # a live process holds it
+    code, out, _ = run_cli(["grid", path, root, "--resume", "--force"], capsys)
+    assert code == 3
+    last = {r["id"]: r for r in results(root)}
+    assert last[victim.name]["status"] == "failed"
+    assert "is locked by process" in last[victim.name]["error"]
+    assert sum(r["status"] == "ok" for r in last.values()) == 7
+    assert "8 points: 7 ok, 1 failed, 0 skipped" in out
+    assert not victim.exists() and lock.read_text() == f"{os.getppid()}\n"
+    lock.unlink()
+    assert run_cli(["grid", path, root, "--resume"], capsys)[0] == 0
+    assert {d.name: weights(d) for d in point_dirs(root)} == want
+
+
 def test_resume_skips_complete_points(family, tmp_path, capsys, monkeypatch):
     root = tmp_path / "sweep"
     path = grid_file(tmp_path, family)
