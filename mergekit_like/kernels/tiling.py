@@ -143,8 +143,10 @@ class Scratch:
 class BufferPool:
     """Flat buffers lent out during one tensor's merge and all taken back after it
     (``release``), so that the next tensor reuses their pages: a fresh 50 MB mask costs about
-    60 ms of page faults on these VMs, a third of MAGPRUNE's keep pass. ``release`` keeps only
-    the buffers lent since the last one, so the pool never holds more than one tensor used."""
+    60 ms of page faults on these VMs, a third of MAGPRUNE's keep pass. A buffer serves only
+    requests of at least half its size, and ``release`` keeps only the buffers lent since the
+    last one: the pool holds at most what one tensor used, within a factor of two (so the
+    embeddings' masks are not kept through the layers, nor after the merge)."""
 
     def __init__(self) -> None:
         self._free: list[torch.Tensor] = []
@@ -152,8 +154,9 @@ class BufferPool:
 
     def take(self, n: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat length-n view (contents undefined) of a buffer that nobody else holds until
-        ``release``: the smallest free one that fits, else a new one."""
-        fits = [k for k, b in enumerate(self._free) if b.dtype == dtype and b.numel() >= n]
+        ``release``: the smallest free one of n to 2n entries, else a new one."""
+        fits = [k for k, b in enumerate(self._free)
+                if b.dtype == dtype and n <= b.numel() <= 2 * n]
         if fits:
             buf = self._free.pop(min(fits, key=lambda k: self._free[k].numel()))
         else:

@@ -23,7 +23,7 @@ def test_smallest_fitting_buffer_and_dtype():
     big, small = pool.take(1000, torch.bool), pool.take(10, torch.bool)
     pool.release()
     assert pool.take(8, torch.bool).data_ptr() == small.data_ptr()
-    assert pool.take(500, torch.bool).data_ptr() == big.data_ptr()
+    assert pool.take(600, torch.bool).data_ptr() == big.data_ptr()
     other = pool.take(8, torch.float32)                         # no free float32 buffer: new
     assert other.dtype == torch.float32 and other.data_ptr() not in (big.data_ptr(),
                                                                      small.data_ptr())
@@ -40,3 +40,17 @@ def test_release_keeps_only_what_was_lent_since_the_last():
     assert [b.data_ptr() for b in pool._free] == [kept.data_ptr()]
     assert kept.data_ptr() == first[1].data_ptr()
     assert not pool._lent
+
+
+def test_a_much_larger_buffer_is_not_kept_for_small_requests():
+    """After a large tensor, small requests get buffers of their own and the large ones go at
+    the next release: the pool does not hold the embeddings' masks through the layers."""
+    pool = BufferPool()
+    big = [pool.take(10_000, torch.bool) for _ in range(3)]
+    pool.release()
+    small = [pool.take(4_000, torch.bool) for _ in range(3)]
+    assert not {b.data_ptr() for b in small} & {b.data_ptr() for b in big}
+    pool.release()
+    assert sorted(b.numel() for b in pool._free) == [4_000] * 3
+    kept = {b.data_ptr() for b in pool._free}
+    assert pool.take(5_001, torch.bool).data_ptr() not in kept  # 4 000 < 5 001: a new one
