@@ -6,9 +6,8 @@ which is then hard-linked as the lock (the link fails if a lock exists) and remo
 killed at any point therefore leaves either no lock or one naming it, never an empty lock that
 a resume started right after would have to take as held. Where the filesystem has no hard
 links (or room for the temporary's longer name), the lock is created with O_CREAT|O_EXCL and
-the pid written after (an empty lock younger
-than ``_FRESH_LOCK_S`` is then taken as being written). A ``.tmp`` left by a killed process is
-removed by the next ``acquire``."""
+the pid written after (an empty lock younger than ``_FRESH_LOCK_S`` is then taken as being
+written). A ``.tmp`` left by a killed process is removed by the next ``acquire``."""
 
 from __future__ import annotations
 

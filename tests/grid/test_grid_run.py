@@ -108,18 +108,26 @@ def test_failed_point_is_isolated(family, tmp_path, capsys, monkeypatch):
     assert "8 points: 6 ok, 2 failed, 0 skipped" in out
 
 
+def swept_without_one(family, tmp_path, capsys, k):
+    """The grid run into ``tmp_path/sweep``, then its k-th point's folder deleted: (root, grid
+    file, each point's weights digests before the deletion, the deleted folder)."""
+    import shutil
+
+    root = tmp_path / "sweep"
+    path = grid_file(tmp_path, family)
+    assert run_cli(["grid", path, root], capsys)[0] == 0
+    before = {d.name: weights(d) for d in point_dirs(root)}
+    victim = point_dirs(root)[k]
+    shutil.rmtree(victim)
+    return root, path, before, victim
+
+
 def test_point_whose_output_is_locked_fails_alone_with_the_reason(family, tmp_path, capsys):
     """A point whose output cannot be opened (locked by a live process) fails with that
     reason; the other points of its pass are merged (engine.run_pass isolates the opening)."""
     import os
 
-    root = tmp_path / "sweep"
-    path = grid_file(tmp_path, family)
-    assert run_cli(["grid", path, root], capsys)[0] == 0
-    want = {d.name: weights(d) for d in point_dirs(root)}
-    import shutil
-    victim = point_dirs(root)[1]
-    shutil.rmtree(victim)
+    root, path, want, victim = swept_without_one(family, tmp_path, capsys, 1)
     lock = root / f".{victim.name}.lock"
     lock.write_text(f"{os.getppid()}\n")                    # a live process holds it
     code, out, _ = run_cli(["grid", path, root, "--resume", "--force"], capsys)
@@ -136,13 +144,7 @@ def test_point_whose_output_is_locked_fails_alone_with_the_reason(family, tmp_pa
 
 
 def test_resume_skips_complete_points(family, tmp_path, capsys, monkeypatch):
-    root = tmp_path / "sweep"
-    path = grid_file(tmp_path, family)
-    assert run_cli(["grid", path, root], capsys)[0] == 0
-    before = {d.name: weights(d) for d in point_dirs(root)}
-    victim = point_dirs(root)[2]
-    import shutil
-    shutil.rmtree(victim)
+    root, path, before, victim = swept_without_one(family, tmp_path, capsys, 2)
     (root / f".{victim.name}.partial").mkdir()              # a stale partial of a killed run
     code, _, err = run_cli(["grid", path, root], capsys)
     assert code == 2 and "--resume" in err                   # an existing grid needs --resume
