@@ -13,8 +13,6 @@ from mergekit_like.io.source import CheckpointSource
 from mergekit_like.engine.plan import SourceOpener
 from mergekit_like.recipe import InputModel
 from mergekit_like.recipe.refs import ModelRef, is_valid_repo_id, looks_local, missing_folder
-from mergekit_like.hub.errors import hub_call
-from mergekit_like.hub.source import HubSource
 
 OFFLINE_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "merges.txt", "vocab.txt",
                     "chat_template.jinja", "*.py"]
@@ -22,10 +20,13 @@ OFFLINE_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "merges.txt", 
 
 
 def open_hub(ref: ModelRef, settings: HubSettings) -> CheckpointSource:
-    """A Hub ref as a source; offline: its cached snapshot, read as a local folder."""
+    """A Hub ref as a source; offline: its cached snapshot, read as a local folder. The Hub
+    client (about 0.2 s of imports) is imported here, so a merge of local folders never pays it."""
+    from mergekit_like.hub.errors import hub_call
+    from mergekit_like.hub.source import HubSource
+
     if settings.offline:
         from huggingface_hub import snapshot_download
-
 
         with hub_call(repo=ref.path, endpoint=settings.endpoint, revision=ref.revision,
                       cache_dir=settings.cache_dir):

@@ -229,3 +229,24 @@ def test_side_files_card_and_tokenizer(family, tmp_path, capsys):
     assert "task_arithmetic" in front["tags"] and "donor card" not in card
     assert {p.name for p in tmp_path.iterdir()} == {"recipe.yml", "out", "tokdonor"}
     assert folder_digest(out)  # readable, no partial/lock left beside it
+
+
+def test_merge_of_local_folders_never_imports_the_hub_client(family, tmp_path):
+    """The Hub client (huggingface_hub.hf_api and its HTTP stack, ~0.2 s) is imported only for a
+    Hub reference: a merge of local folders runs in a fresh process without it."""
+    import subprocess
+    import sys
+
+    doc = {"merge_method": "linear",
+           "models": [{"model": str(family / name), "parameters": {"weight": 1.0}}
+                      for name in ("ft1", "ft2")]}
+    recipe = write_recipe(tmp_path / "recipe.yml", doc)
+    probe = ("import sys\nfrom mergekit_like.cli import main\n"
+             f"code = main(['merge', {str(recipe)!r}, {str(tmp_path / 'out')!r}, '--quiet'])\n"
+             "print(code, 'huggingface_hub.hf_api' in sys.modules, "
+             "'mergekit_like.hub.source' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-3:] == ["0", "False", "False"], done.stdout
+    assert (tmp_path / "out" / "config.json").exists()
