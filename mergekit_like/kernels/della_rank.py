@@ -9,7 +9,7 @@ highest, ``ops.della.magprune_ranks``). ``keep_rows`` counts each row instead of
    m − 1 − c: ``_all_tied``);
 2. buckets (``bucket_shape``): exact zeros in bucket 0, every other key in
    bucket(k) = 1 + min(max(k >> S, lo) − lo, B − 2) with lo = max((k_max >> S) − (B − 2), 0):
-   2^(23 − S) buckets per binade over the row's top binades (about m/16 per binade, 12
+   2^(23 − S) buckets per binade over the row's top binades (about m/16 per binade, 8
    binades), the smaller keys in bucket 1. Monotone in k, so an entry's rank lies in its
    bucket's range [low(q), low(q + 1) − 1]: the buckets (one vectorised pass), their histogram
    (``_hist``) and its prefix sum (``_prefix``) give low. The shape sets only the speed, never
@@ -23,7 +23,8 @@ highest, ``ops.della.magprune_ranks``). ``keep_rows`` counts each row instead of
    binades than the buckets cover);
 4. each open entry gets its exact rank (``_settle``): a zero's from one running count of the
    row's zeros (rows of unchanged entries leave hundreds open in bucket 0), any other's as
-   #(k_j < k_c) + #(k_j = k_c, j > c) counted over the row, or, past ``OPEN_CAP`` of them
+   #(j < c: k_j < k_c) + #(j > c: k_j ≤ k_c) counted over the row (``_count_below``), or,
+   past ``OPEN_CAP`` of them
    (rows of a few repeated values), looked up in the row's sorted (key, −column) pairs.
 
 The "l1" row sums Σ|δ| and Σ|keep·δ| (float64) come from the same keys (``_l1``). They are
@@ -53,8 +54,9 @@ _U_SHIFT = np.uint64(U_SHIFT)
 _ONE = np.uint32(1)
 _LOW32 = np.uint64(0xFFFFFFFF)
 SPAN = 4                                # buckets per binade: 2^(bit length of m − 1 − SPAN)
-BINADES = 12                            # binades the buckets cover below the row's largest key
+BINADES = 8                             # binades the buckets cover below the row's largest key
 OPEN_CAP = 32                           # open entries a row counts one by one (else: sort)
+_CHUNK = 1 << 24                        # keys one float32 count may take (exact below 2^24)
 
 
 def bucket_shape(m: int) -> tuple[int, int]:
@@ -66,8 +68,8 @@ def bucket_shape(m: int) -> tuple[int, int]:
 class Work:
     """One thread's work arrays of ``keep_rows`` for rows of m entries (reused across pieces):
     keys and their buckets uint32 [m], per bucket count uint32 [B] (all zero between rows) and
-    low uint32 [B + 1], open uint32 [m], draws int32 [m], pairs uint64 [m] (the sorted
-    fallback)."""
+    the thresholds at its rank range's ends int32 [2B], open uint32 [m], draws int32 [m],
+    pairs uint64 [m] (the sorted fallback)."""
 
     def __init__(self, m: int):
         self.m = m
@@ -75,14 +77,14 @@ class Work:
         self.keys = np.empty(m, np.uint32)
         self.qs = np.empty(m, np.uint32)
         self.count = np.zeros(self.buckets, np.uint32)
-        self.low = np.zeros(self.buckets + 1, np.uint32)
+        self.bounds = np.zeros(2 * self.buckets, np.int32)
         self.open = np.empty(m, np.uint32)
         self.draws = np.empty(m, np.int32)
         self.pairs = np.empty(m, np.uint64)
 
     def arrays(self) -> tuple:
         return (np.uint32(self.shift), np.uint32(self.buckets), self.keys, self.qs, self.count,
-                self.low, self.open, self.draws, self.pairs)
+                self.bounds, self.open, self.draws, self.pairs)
 
 
 def _delta(x, b, i):  # pragma: no cover - replaced by the overload inside compiled code
@@ -108,20 +110,16 @@ def _rows_impl(b, s, m):
 
 
 @njit(**_JIT)
-def _draw(key, j):  # pragma: no cover - compiled
-    """u_j: the top 24 bits of SplitMix64 output j (``ops.drop``), int64."""
-    z = key + np.uint64(j + 1) * _GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    z = z ^ (z >> np.uint64(31))
-    return np.int64(z >> _U_SHIFT)
-
-
-@njit(**_JIT)
 def _row_draws(key, j0, m, u):  # pragma: no cover - compiled (vectorises: no loads)
-    """u[c] = u_{j0+c}, the row's draws (24 bits, int32)."""
+    """u[c] = u_{j0+c}, the row's draws: the top 24 bits (int32) of ``ops.drop``'s SplitMix64
+    output j = j0 + c, its counter key + (j + 1)·GOLDEN stepped by one addition per entry
+    rather than multiplied out (AVX2 has no 64-bit vector multiply to spare)."""
+    z = key + np.uint64(j0) * _GOLDEN
     for c in range(m):
-        u[c] = np.int32(_draw(key, j0 + c))
+        z += _GOLDEN
+        y = (z ^ (z >> np.uint64(30))) * _MIX1
+        y = (y ^ (y >> np.uint64(27))) * _MIX2
+        u[c] = np.int32((y ^ (y >> np.uint64(31))) >> _U_SHIFT)
 
 
 @njit(**_JIT)
@@ -172,54 +170,56 @@ def _hist(m, qs, count):  # pragma: no cover - compiled
 
 
 @njit(**_JIT)
-def _prefix(nb, count, low):  # pragma: no cover - compiled
-    """low[q] = #(entries in buckets below q), low[B] = m; count zeroed for the next row."""
+def _prefix(m, nb, thresholds, count, bounds):  # pragma: no cover - compiled
+    """Each bucket's thresholds at the ends of its rank range: with low(q) = #(entries in
+    buckets below q), bounds[2q] = threshold[low(q)] and bounds[2q + 1] = threshold[low(q + 1)
+    − 1] (clamped into the table for an empty bucket, whose bounds nothing reads); count
+    zeroed for the next row. Returns #(k = 0), bucket 0's count."""
+    zeros = count[0]
     run = np.uint32(0)
+    last = np.uint32(m - 1)
     for q in range(nb):
-        low[q] = run
-        run += count[q]
+        n = count[q]
         count[q] = 0
-    low[nb] = run
+        bounds[2 * q] = thresholds[min(run, last)]
+        run += n
+        bounds[2 * q + 1] = thresholds[max(run, _ONE) - _ONE]
+    return zeros
 
 
 @njit(**_JIT)
-def _assign(m, thresholds, qs, low, u, keep, open_):  # pragma: no cover - compiled
-    """Column order over one row (keep: its slice; u: its draws). One branch-free pass settles
-    the entries whose draw decides the bit at any rank and gathers the rest, "mid", into
-    ``open_``; a mid entry in bucket q keeps when u < threshold[low(q)], drops when
-    u ≥ threshold[low(q + 1) − 1], else stays in ``open_`` (at the front). Returns how many."""
-    t_lo, t_hi = thresholds[0], thresholds[m - 1]
-    nmid = np.uint64(0)
-    for c in range(m):
-        uc = u[c]
-        keep[c] = uc < t_lo
-        open_[nmid] = np.uint32(c)
-        nmid += np.uint64((uc >= t_lo) & (uc < t_hi))
+def _assign(m, qs, bounds, u, keep, open_):  # pragma: no cover - compiled
+    """Column order over one row (keep: its slice; u: its draws), one branch-free pass: an entry
+    of bucket q keeps when u < threshold[low(q)] (keeps at any rank of its bucket), drops when
+    u ≥ threshold[low(q + 1) − 1], else is gathered into ``open_`` (at the front). Returns
+    how many."""
     nopen = np.uint64(0)
-    for i in range(nmid):
-        c = open_[i]
-        q = qs[c]
-        floor_t = thresholds[low[q]]
+    for c in range(m):
+        q = np.uint64(qs[c]) << np.uint64(1)
         uc = u[c]
-        open_[nopen] = c                    # nopen ≤ i: the mid list is read ahead of it
-        nopen += np.uint64((uc >= floor_t) & (uc < thresholds[low[q + _ONE] - _ONE]))
+        floor_t = bounds[q]
         keep[c] = uc < floor_t
+        open_[nopen] = np.uint32(c)
+        nopen += np.uint64((uc >= floor_t) & (uc < bounds[q + np.uint64(1)]))
     return nopen
 
 
-@njit(**_JIT)
-def _count_below(keys, k):  # pragma: no cover - compiled (vectorises)
-    n = 0
+@njit(nogil=True, cache=True, error_model="numpy", boundscheck=False, fastmath={"reassoc"})
+def _count_chunk(keys, k):  # pragma: no cover - compiled (vectorises)
+    """#(keys < k) over fewer than 2²⁴ keys, counted in float32 lanes (exact below 2²⁴, so any
+    order of the additions gives it; numba's integer sums widen to int64, half the lanes)."""
+    n = np.float32(0)
     for j in range(keys.size):
-        n += keys[j] < k
-    return n
+        n += np.float32(1) if keys[j] < k else np.float32(0)
+    return np.int64(n)
 
 
 @njit(**_JIT)
-def _count_equal(keys, k):  # pragma: no cover - compiled (vectorises)
+def _count_below(keys, k):  # pragma: no cover - compiled
+    """#(keys < k) (uint32 keys, any length)."""
     n = 0
-    for j in range(keys.size):
-        n += keys[j] == k
+    for s in range(0, keys.size, _CHUNK):
+        n += _count_chunk(keys[s:s + _CHUNK], k)
     return n
 
 
@@ -233,7 +233,7 @@ def _pair(k, c):  # pragma: no cover - compiled
 def _settle(m, thresholds, keys, u, open_, nopen, keep, pairs, zeros):  # pragma: no cover
     """The exact rank of each open entry (``open_`` in column order; u: the row's draws;
     ``zeros``: #(k = 0)). A zero's is zeros − 1 − #(zeros before it), from one running count
-    over the row; the others' #(k_j < k_c) + #(k_j = k_c, j > c), counted, or for more than
+    over the row; the others' #(j < c: k_j < k_c) + #(j > c: k_j < k_c + 1), counted, or for more than
     ``OPEN_CAP`` of them the position of (k_c, −c) among the row's sorted pairs."""
     rest = np.uint64(0)
     seen = 0
@@ -244,7 +244,7 @@ def _settle(m, thresholds, keys, u, open_, nopen, keep, pairs, zeros):  # pragma
             open_[rest] = c                 # rest ≤ i: the others move to the front
             rest += np.uint64(1)
             continue
-        seen += _count_equal(keys[start:c], np.uint32(0))
+        seen += _count_below(keys[start:c], _ONE)        # the zeros before c
         keep[c] = u[c] < thresholds[zeros - 1 - seen]
         seen += 1
         start = np.uint64(c) + np.uint64(1)
@@ -252,7 +252,7 @@ def _settle(m, thresholds, keys, u, open_, nopen, keep, pairs, zeros):  # pragma
         for i in range(rest):
             c = open_[i]
             k = keys[c]
-            r = _count_below(keys, k) + _count_equal(keys[c + _ONE:], k)
+            r = _count_below(keys[:c], k) + _count_below(keys[c + _ONE:], np.uint32(k + _ONE))
             keep[c] = u[c] < thresholds[r]
         return
     for c in range(m):
@@ -286,19 +286,19 @@ def _l1(m, keys, keep):  # pragma: no cover - compiled (exact sums: any order is
 
 
 @njit(**_JIT)
-def _rank_row(m, thresholds, keys, shift, lo, last, nb, qs, count, low, u, keep, open_,
+def _rank_row(m, thresholds, keys, shift, lo, last, nb, qs, count, bounds, u, keep, open_,
               pairs):  # pragma: no cover - compiled
     """Steps 2–4 for one row of keys with its draws u (keep: its slice)."""
     _buckets(m, keys, shift, lo, last, qs)
     _hist(m, qs, count)
-    _prefix(nb, count, low)
-    nopen = _assign(m, thresholds, qs, low, u, keep, open_)
-    _settle(m, thresholds, keys, u, open_, nopen, keep, pairs, low[1])
+    zeros = _prefix(m, nb, thresholds, count, bounds)
+    nopen = _assign(m, qs, bounds, u, keep, open_)
+    _settle(m, thresholds, keys, u, open_, nopen, keep, pairs, zeros)
 
 
 @njit(**_JIT)
 def keep_rows(x, b, m, j0, key, thresholds, keep, full, kept, l1, shift, nb, keys, qs, count,
-              low, open_, u, pairs):  # pragma: no cover - compiled
+              bounds, open_, u, pairs):  # pragma: no cover - compiled
     """MAGPRUNE's keep bits of a piece of whole rows of m entries, δ = x − b (bf16 bits as
     uint16 or float32, flat, the piece's length) or δ = x (float32) when b is None; j0: the
     flat index of its first entry; key: the draw key (uint64); thresholds [m] (int32)
@@ -316,7 +316,7 @@ def keep_rows(x, b, m, j0, key, thresholds, keep, full, kept, l1, shift, nb, key
             _all_tied(m, thresholds, u, row)
         else:
             _rank_row(m, thresholds, keys, shift, _floor(top, shift, last), last, nb, qs,
-                      count, low, u, row, open_, pairs)
+                      count, bounds, u, row, open_, pairs)
         if l1:
             full[r], kept[r] = _l1(m, keys, row)
             exact &= full[r] < math.ldexp(1.0, max(_emin(keys), 1) - 97)
