@@ -12,20 +12,19 @@ highest, ``ops.della.magprune_ranks``). ``keep_rows`` counts each row instead of
    2^(23 − S) buckets per binade over the row's top binades (about m/16 per binade, 8
    binades), the smaller keys in bucket 1. Monotone in k, so an entry's rank lies in its
    bucket's range [low(q), low(q + 1) − 1]: the buckets (one vectorised pass), their histogram
-   (``_hist``) and its prefix sum (``_prefix``) give low. The shape sets only the speed, never
-   a bit;
+   (``_hist``) and its prefix sum (``_prefix``) give low, and with it each bucket's thresholds
+   at the ends of its range, threshold[low(q)] and threshold[low(q + 1) − 1]. The shape sets
+   only the speed, never a bit;
 3. the row's draws u_j (``ops.drop``'s SplitMix64 of flat index j, one vectorised pass), then
-   column order (``_assign``): thresholds rise with the rank, so u_j below the lowest rank's
-   threshold keeps and u_j not below the highest rank's drops whatever the rank (about 1 − 2ε
-   of the entries, settled without a load); for the rest ("mid"), the bit is known unless
-   threshold[low(q)] ≤ u_j < threshold[low(q + 1) − 1]: those entries stay "open" (a few per
-   row, more where many entries share a bucket: equal keys, or a row whose keys span more
-   binades than the buckets cover);
+   column order (``_assign``, one branch-free pass): thresholds rise with the rank, so an entry
+   of bucket q keeps when u_j < threshold[low(q)], drops when u_j ≥ threshold[low(q + 1) − 1],
+   and else stays "open" (a few per row, more where many entries share a bucket: equal keys,
+   or a row whose keys span more binades than the buckets cover);
 4. each open entry gets its exact rank (``_settle``): a zero's from one running count of the
    row's zeros (rows of unchanged entries leave hundreds open in bucket 0), any other's as
-   #(j < c: k_j < k_c) + #(j > c: k_j ≤ k_c) counted over the row (``_count_below``), or,
-   past ``OPEN_CAP`` of them
-   (rows of a few repeated values), looked up in the row's sorted (key, −column) pairs.
+   #(j < c: k_j < k_c) + #(j > c: k_j ≤ k_c) counted over the row (``_count_below``), or, past
+   ``OPEN_CAP`` of them (rows of a few repeated values), looked up in the row's sorted
+   (key, −column) pairs.
 
 The "l1" row sums Σ|δ| and Σ|keep·δ| (float64) come from the same keys (``_l1``). They are
 exact when the row's total is below 2⁵³ units of its smallest binade's float32 ulp (then every
@@ -48,6 +47,7 @@ from mergekit_like.kernels.fused_loops import _bits_to_f32, _f32, _f32_to_bits, 
 from mergekit_like.ops.drop import GOLDEN, MIX1, MIX2, U_SHIFT
 
 _JIT = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False)
+_REASSOC = dict(_JIT, fastmath={"reassoc"})   # for sums exact in any order
 # numba's disk cache is keyed on this file: ops.drop's constants are frozen in at compile time
 _GOLDEN, _MIX1, _MIX2 = np.uint64(GOLDEN), np.uint64(MIX1), np.uint64(MIX2)
 _U_SHIFT = np.uint64(U_SHIFT)
@@ -204,7 +204,7 @@ def _assign(m, qs, bounds, u, keep, open_):  # pragma: no cover - compiled
     return nopen
 
 
-@njit(nogil=True, cache=True, error_model="numpy", boundscheck=False, fastmath={"reassoc"})
+@njit(**_REASSOC)
 def _count_chunk(keys, k):  # pragma: no cover - compiled (vectorises)
     """#(keys < k) over fewer than 2²⁴ keys, counted in float32 lanes (exact below 2²⁴, so any
     order of the additions gives it; numba's integer sums widen to int64, half the lanes)."""
@@ -233,8 +233,8 @@ def _pair(k, c):  # pragma: no cover - compiled
 def _settle(m, thresholds, keys, u, open_, nopen, keep, pairs, zeros):  # pragma: no cover
     """The exact rank of each open entry (``open_`` in column order; u: the row's draws;
     ``zeros``: #(k = 0)). A zero's is zeros − 1 − #(zeros before it), from one running count
-    over the row; the others' #(j < c: k_j < k_c) + #(j > c: k_j < k_c + 1), counted, or for more than
-    ``OPEN_CAP`` of them the position of (k_c, −c) among the row's sorted pairs."""
+    over the row; the others' #(j < c: k_j < k_c) + #(j > c: k_j < k_c + 1), counted, or for
+    more than ``OPEN_CAP`` of them the position of (k_c, −c) among the row's sorted pairs."""
     rest = np.uint64(0)
     seen = 0
     start = np.uint64(0)
@@ -273,7 +273,7 @@ def _emin(keys):  # pragma: no cover - compiled (vectorises)
     return 255 if least == np.uint32(0xFFFFFFFF) else np.int64((least + _ONE) >> np.uint32(23))
 
 
-@njit(nogil=True, cache=True, error_model="numpy", boundscheck=False, fastmath={"reassoc"})
+@njit(**_REASSOC)
 def _l1(m, keys, keep):  # pragma: no cover - compiled (exact sums: any order is the same)
     """(Σ float64|δ|, Σ float64|keep·δ|) of a row from its keys (keep: its slice)."""
     full = 0.0
