@@ -15,7 +15,8 @@ fine-tunes in bf16, then runs, each in a fresh child process measured side by si
 
 ``--methods`` picks a subset (default: all). ``--baseline DIR`` also runs each method with the
 package found in DIR (e.g. a copy of an older ``mergekit_like``), right before the current one,
-so that before/after ratios come from one interleaved run (rows ``<method>@baseline``).
+so that before/after ratios come from one interleaved run (rows ``<method>@baseline``, and
+``floor@baseline``: the floor uses the package's reader and writer too).
 
 Each run reports its wall time and its CPU time (user + system, all threads; steadier than the
 wall time on a shared machine, which shows in the wall time only), both also as ratios to the
@@ -190,6 +191,8 @@ def bench_family(layers: int, small: bool, repeat: int, methods: list[str],
         paths[method] = WORK / f"{method}.yml"
         paths[method].write_text(yaml.safe_dump(recipe(method, fam), sort_keys=False))
     runs: dict[str, list[dict]] = {"floor": []}
+    if baseline is not None:   # the floor uses the project's reader and writer too
+        runs["floor@baseline"] = []
     for method in methods:
         if baseline is not None:
             runs[f"{method}@baseline"] = []
@@ -197,6 +200,10 @@ def bench_family(layers: int, small: bool, repeat: int, methods: list[str],
     for i in range(repeat):
         runs["floor"].append(run_child("floor", fam, out))
         report(f"{layers}L #{i + 1}", "floor", runs["floor"][-1], runs["floor"][-1])
+        if baseline is not None:
+            runs["floor@baseline"].append(run_child("floor", fam, out, baseline))
+            report(f"{layers}L #{i + 1}", "floor@baseline", runs["floor@baseline"][-1],
+                   runs["floor"][-1])
         for method in methods:
             if baseline is not None:
                 name = f"{method}@baseline"

@@ -3,8 +3,9 @@ read runs in a background thread while the current one is merged (``read_ahead``
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -32,27 +33,110 @@ R = TypeVar("R")
 
 def read_ahead(jobs: Iterator[T], read: Callable[[T], R], size: Callable[[T], int] | None = None,
                budget: int | None = None) -> Iterator[tuple[T, R]]:
-    """Yield (job, read(job)) while the next job's read runs in a background thread.
+    """Yield (job, read(job)) in order while a background thread reads the jobs ahead.
 
-    At most two jobs' inputs exist at once (the one yielded and the one being read; the
-    consumer drops its reference before asking for the next). When the two together exceed
-    ``budget`` bytes (``size(job)``), the next read waits until the consumer is done with the
-    current job: huge tensors (embeddings) are not overlapped, which keeps peak memory at about
-    one such tensor's inputs."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergekit-like-read") as pool:
-        current = next(jobs, None)
-        future = pool.submit(read, current) if current is not None else None
-        while current is not None:
-            result = future.result()
-            nxt = next(jobs, None)
-            overlap = nxt is not None and not (
-                size and budget and size(current) + size(nxt) > budget)
-            future = pool.submit(read, nxt) if overlap else None
-            yield current, result
+    A job's inputs are held from the start of its read until the consumer asks for the job
+    after it (the consumer drops its reference first). With ``budget`` (bytes, ``size(job)``)
+    the reader starts the next read only when nothing is held, or the held bytes and the
+    next job's fit the budget, or the held bytes are at most half of it. So small jobs are
+    read several ahead (a slow read hides behind a few fast merges), a huge tensor (embeddings,
+    head) is read while the small jobs before it merge, and two huge tensors are never held
+    together: peak memory stays at about one such tensor's inputs and their merge (plus half
+    the budget). Without a budget the reader stays one job ahead. A read error is raised when
+    its job's turn comes; closing the iterator stops the reader (after its current read)."""
+    ahead = _Reader(jobs, read, size, budget)
+    try:
+        while True:
+            item = ahead.take()
+            if item is None:
+                return
+            job, result, nbytes = item
+            del item
+            yield job, result
             del result
-            if nxt is not None and future is None:
-                future = pool.submit(read, nxt)
-            current = nxt
+            ahead.release(nbytes)
+    finally:
+        ahead.stop()
+
+
+class _Reader:
+    """``read_ahead``'s reader thread: reads jobs in order into a queue while the budget
+    allows; ``held`` counts the bytes read (or being read) and not yet released."""
+
+    def __init__(self, jobs: Iterator[T], read: Callable[[T], R],
+                 size: Callable[[T], int] | None, budget: int | None):
+        self._jobs, self._read, self._size = jobs, read, size
+        self._budget = budget if size is not None and budget else None
+        self._cond = threading.Condition()
+        self._ready: deque[tuple[T, R | None, BaseException | None, int] | None] = deque()
+        self._held = 0
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="mergekit-like-read",
+                                        daemon=True)
+        self._thread.start()
+
+    def _may_start(self, nbytes: int) -> bool:
+        if self._stopped:
+            return True
+        if self._budget is None:
+            return not self._ready         # one job ahead
+        return self._held + nbytes <= self._budget or 2 * self._held <= self._budget
+
+    def _run(self) -> None:
+        try:
+            for job in self._jobs:
+                nbytes = self._size(job) if self._size is not None else 0
+                with self._cond:
+                    while not self._may_start(nbytes):
+                        self._cond.wait()
+                    if self._stopped:
+                        return
+                    self._held += nbytes
+                try:
+                    entry = (job, self._read(job), None, nbytes)
+                except BaseException as exc:  # noqa: BLE001 - raised in the consumer's thread
+                    entry = (job, None, exc, nbytes)
+                failed = entry[2] is not None
+                with self._cond:
+                    self._ready.append(entry)
+                    self._cond.notify_all()
+                del entry
+                if failed:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - the job iterator failed
+            with self._cond:
+                self._ready.append((None, None, exc, 0))
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self._ready.append(None)
+            self._cond.notify_all()
+
+    def take(self) -> tuple[T, R, int] | None:
+        """The next job's (job, inputs, bytes), None after the last; raises its read's error."""
+        with self._cond:
+            while not self._ready:
+                self._cond.wait()
+            entry = self._ready.popleft()
+            self._cond.notify_all()        # without a budget the reader waits for this
+        if entry is None:
+            return None
+        job, result, exc, nbytes = entry
+        if exc is not None:
+            raise exc
+        return job, result, nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self._held -= nbytes
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._ready.clear()
+            self._cond.notify_all()
+        self._thread.join()
 
 
 def reads_of(plan: MergePlan, job: TensorJob) -> list[int]:

@@ -29,6 +29,24 @@ from mergekit_like.io.manifest import Hasher
 from mergekit_like.io.shards import METADATA, PlannedTensor, ShardPlan
 
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+WRITEBACK_BYTES = 64 << 20
+"""Bytes a shard writer lets pile up in the page cache before it starts their write-back."""
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing ``nbytes`` from ``offset`` of ``fd`` to disk now, without
+    waiting (a hint; no-op where ``posix_fadvise`` is missing). Otherwise a model-sized output
+    sits dirty in the page cache until the shard's fsync, which then waits for all of it at the
+    end of the merge (≈ 2 s per GB on a VM disk) instead of overlapping the merge. Linux starts
+    the write-back of dirty pages for DONTNEED and drops only the clean ones, which a writer
+    never reads again."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None or nbytes <= 0:
+        return
+    try:
+        advise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
 
 
 def _is_disk_full(exc: OSError) -> bool:
@@ -71,6 +89,7 @@ class ShardWriter:
         self.plan = plan
         self._next = 0
         self._f = None
+        self._synced = 0                     # bytes whose write-back has been started
         self._hasher = Hasher()  # the whole file's sha256, for the manifest (io/manifest.py)
         try:
             self._f = open(self.path, "wb")
@@ -84,6 +103,11 @@ class ShardWriter:
     def _raw_write(self, data: Any) -> None:
         self._f.write(data)
         self._hasher.update(data)
+        written = self._hasher.size
+        if written - self._synced >= WRITEBACK_BYTES:
+            self._f.flush()
+            start_writeback(self._f.fileno(), self._synced, written - self._synced)
+            self._synced = written
 
     @property
     def expected_name(self) -> str | None:
