@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import math
 from collections import deque
+from contextlib import closing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,15 +180,16 @@ def _stream(points: list[_Point], options: MergeOptions, progress: Progress | No
         on_start(sum(s.data_size for s in lead.shards if s.filename not in lead.done))
     reads = read_ahead(iter(jobs), lambda j: read_job(lead.plan, j, options),
                        size=lambda j: j.read_bytes(lead.plan), budget=options.read_ahead_bytes)
-    for job, inputs in reads:
-        alive = sum(pt.error is None for pt in points)
-        memo = {} if alive > 1 else None  # what points may share for this tensor (TensorTask.memo)
-        for pt in points:
-            if pt.error is None:
-                _guard(pt, isolate, lambda pt=pt, inputs=inputs: _merge_and_submit(
-                    pt, pt.jobs[job.name], inputs, options, memo,
-                    progress if pt is lead else None))
-        del inputs  # before the next read starts: at most two jobs' inputs in memory
+    with closing(reads):   # an error or a signal stops the reader before the plan closes
+        for job, inputs in reads:
+            alive = sum(pt.error is None for pt in points)
+            memo = {} if alive > 1 else None  # what points may share (TensorTask.memo)
+            for pt in points:
+                if pt.error is None:
+                    _guard(pt, isolate, lambda pt=pt, inputs=inputs: _merge_and_submit(
+                        pt, pt.jobs[job.name], inputs, options, memo,
+                        progress if pt is lead else None))
+            del inputs  # released when the next job is asked for (read_ahead's budget)
 
 
 def _merge_and_submit(pt: _Point, job: TensorJob, inputs: JobInputs, options: MergeOptions,
