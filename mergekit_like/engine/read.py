@@ -93,23 +93,20 @@ class _Reader:
                         return
                     self._held += nbytes
                 try:
-                    entry = (job, self._read(job), None, nbytes)
+                    result = self._read(job)
                 except BaseException as exc:  # noqa: BLE001 - raised in the consumer's thread
-                    entry = (job, None, exc, nbytes)
-                failed = entry[2] is not None
-                with self._cond:
-                    self._ready.append(entry)
-                    self._cond.notify_all()
-                del entry
-                if failed:
-                    return
+                    self._put((job, None, exc, nbytes))
+                    return                     # nothing is read after a failed read
+                self._put((job, result, None, nbytes))
+                del result
         except BaseException as exc:  # noqa: BLE001 - the job iterator failed
-            with self._cond:
-                self._ready.append((None, None, exc, 0))
-                self._cond.notify_all()
+            self._put((None, None, exc, 0))
             return
+        self._put(None)
+
+    def _put(self, entry: tuple[T, R | None, BaseException | None, int] | None) -> None:
         with self._cond:
-            self._ready.append(None)
+            self._ready.append(entry)
             self._cond.notify_all()
 
     def take(self) -> tuple[T, R, int] | None:

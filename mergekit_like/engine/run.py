@@ -19,8 +19,8 @@ from __future__ import annotations
 import errno
 import math
 from collections import deque
-from contextlib import closing
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
